@@ -1,0 +1,36 @@
+"""Attention capture: the explicit hook that DAMRO's outlier selection and the analysis tools use.
+
+A caller builds a `Capture` naming the layers it wants and passes it to a forward. Only those layers
+compute attention probabilities by hand (matmul, float32 softmax, matmul, as transformers' eager path
+does); every other layer, and every forward called without a capture, takes the fused SDPA kernel and
+stores nothing.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Capture:
+    vit_layers: tuple[int, ...] = ()     # ViT encoder layers (0-based) whose attention probabilities to keep
+    vit_qk_layers: tuple[int, ...] = ()  # ViT encoder layers whose q_proj / k_proj outputs to keep
+    llm_layers: tuple[int, ...] = ()     # LLM decoder layers (0-based) whose attention probabilities to keep
+
+    vit_attn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H, T, T)
+    vit_q: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> (B, T, D), bias included
+    vit_k: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> (B, T, D)
+    # layer -> one (H, T, S) tensor per stream per forward call, in call order (T new queries, S keys)
+    llm_attn: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def eager_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(d) + mask) v with the softmax in float32, as transformers' eager attention.
+
+    q: (B, H, T, d), k, v: (B, H, S, d), mask: additive, broadcastable to (B, H, T, S).
+    Returns the output (B, H, T, d) and the probabilities (B, H, T, S) in q's dtype.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v), probs

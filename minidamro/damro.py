@@ -1,0 +1,111 @@
+"""DAMRO (Gong et al., EMNLP 2024, arXiv 2410.04514): outlier-token selection and contrastive decoding.
+
+1. The ViT's [CLS] attention at the layer LLaVA takes its features from picks the top-k "outlier"
+   patches (Eq. 3-4). One ViT pass serves both the image features and the selection.
+2. A second, contrastive stream sees the same prompt with only those k projected features in place of
+   the image (in descending-attention order), and has its own KV cache.
+3. Each next token comes from (1 + alpha) * l - alpha * l_cd under the plausibility cutoff
+   l >= log(beta) + max(l) (Eq. 5-6), where l and l_cd are the two streams' logits.
+
+Where the paper's text and the authors' released code differ, this module follows the code (noted inline).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from . import MinidamroError
+from .capture import Capture
+from .generation import Sampler, decode_loop, decode_step, new_cache, prefill
+from .llava import Llava
+
+OUTLIER_ATTENTION = ("full", "heads")
+
+
+@dataclass
+class DamroConfig:
+    alpha: float = 2.0   # contrast strength, Eq. 5 (the authors' LLaVA-1.5 scripts: 2)
+    beta: float = 0.1    # plausibility cutoff, Eq. 6 (0.1 in every script of the authors)
+    topk: int = 10       # outlier tokens kept in the contrastive stream (LLaVA-1.5 scripts: 10)
+    outlier_attention: str = "full"  # "full": the released code's full-width dot product; "heads": mean of heads
+
+    def check(self, num_patches: int):
+        if not 1 <= self.topk <= num_patches:
+            raise MinidamroError(f"--topk must be between 1 and the {num_patches} image patches, got {self.topk}")
+        if not 0 < self.beta <= 1:
+            raise MinidamroError(f"--beta must be in (0, 1], got {self.beta}")
+        if self.alpha < 0:
+            raise MinidamroError(f"--alpha must be >= 0, got {self.alpha}")
+        if self.outlier_attention not in OUTLIER_ATTENTION:
+            raise MinidamroError(f"--outlier-attention must be one of {OUTLIER_ATTENTION}")
+
+
+def selection_layer(model: Llava) -> int:
+    """The ViT encoder layer whose output LLaVA uses as image features (layer 22 of 24 for LLaVA-1.5)."""
+    layer = model.cfg.feature_hidden_index - 1
+    if layer < 0:
+        raise MinidamroError("DAMRO needs vision_feature_layer to be the output of an encoder layer, not the embeddings")
+    return layer
+
+
+def cls_attention(capture: Capture, layer: int, mode: str = "full"):
+    """The [CLS] row of the ViT attention at `layer` over all 1 + N tokens (Eq. 3), float32, shape (1 + N,)."""
+    if mode == "full":
+        # The released code does not split heads: one dot product over the full width D (1024 for ViT-L),
+        # scaled by sqrt(D), between the [CLS] query and every key (q_proj / k_proj outputs, bias included).
+        q, k = capture.vit_q[layer][0, 0].float(), capture.vit_k[layer][0].float()  # (D,), (1 + N, D)
+        return torch.softmax(k @ q / k.shape[-1] ** 0.5, dim=-1)
+    # "heads": what the ViT really attends with, the mean over heads of the per-head probabilities.
+    return capture.vit_attn[layer][0, :, 0].float().mean(0)
+
+
+def select_outliers(attention, k: int):
+    """Eq. 4: the k patches with the highest [CLS] attention, in descending order (torch.topk, sorted).
+    Index j of the result is patch j, row-major over the grid: [CLS] (position 0) is excluded."""
+    return attention[1:].topk(k).indices
+
+
+def damro_scores(l, l_cd, alpha: float, beta: float):
+    """Eq. 5-6 in logit space, float32: contrast the streams, then drop tokens the full stream finds implausible.
+
+    The cutoff keeps y with p(y) >= beta * max p, i.e. l(y) >= log(beta) + max l. As in the released
+    code, log(beta) is taken of a float32 tensor. alpha = 0 gives back l (the cutoff never drops the argmax).
+    """
+    cutoff = torch.log(torch.tensor(beta)) + l.max(dim=-1, keepdim=True).values
+    d = (1 + alpha) * l - alpha * l_cd
+    return d.masked_fill(l < cutoff, float("-inf"))
+
+
+def contrastive_ids(ids, image_token: int, k: int):
+    """The prompt with its run of image ids cut to k: positions stay contiguous over the shorter sequence."""
+    where = (ids == image_token).nonzero()[:, 0]
+    start, end = int(where[0]), int(where[-1]) + 1
+    return torch.cat([ids[:start], ids.new_full((k,), image_token), ids[end:]])
+
+
+@torch.inference_mode()
+def generate(model: Llava, ids, pixels, cfg: DamroConfig, sampler: Sampler, max_new_tokens: int,
+             batched: bool = True):
+    """DAMRO decoding. Returns (outliers, iterator over generated ids).
+
+    `batched` decodes both streams in one forward per token (one read of the weights); False keeps the
+    two separate forwards of the released code, the reference the batched path is tested against.
+    """
+    cfg.check(model.cfg.vision.num_patches)
+    layer = selection_layer(model)
+    want = Capture(vit_qk_layers=(layer,)) if cfg.outlier_attention == "full" else Capture(vit_layers=(layer,))
+    features = model.encode_image(pixels.to(model.lm_head.weight.device), want)[0]  # (n_img, D)
+    outliers = select_outliers(cls_attention(want, layer, cfg.outlier_attention), cfg.topk)
+    cls_kept = model.cfg.vision_feature_select_strategy == "full"  # then feature 0 is [CLS], patch j is j + 1
+
+    cd_ids = contrastive_ids(ids, model.cfg.image_token_index, cfg.topk)
+    cache, cd_cache = new_cache(model, len(ids) + max_new_tokens), new_cache(model, len(cd_ids) + max_new_tokens)
+    l = prefill(model, model.embed(ids, features), cache)
+    l_cd = prefill(model, model.embed(cd_ids, features[outliers + cls_kept]), cd_cache)
+
+    def step(token):  # append the chosen token to both streams; their caches grow in step
+        if batched:
+            return decode_step(model, token.expand(2), [cache, cd_cache])
+        return decode_step(model, token, [cache])[0], decode_step(model, token, [cd_cache])[0]
+
+    rule = lambda logits: damro_scores(*logits, cfg.alpha, cfg.beta)  # noqa: E731
+    return outliers.tolist(), decode_loop(model, rule((l, l_cd)), lambda tok: rule(step(tok)), sampler, max_new_tokens)

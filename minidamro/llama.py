@@ -1,0 +1,178 @@
+"""The LLaMA decoder of LLaVA-1.5 (Vicuna-7B in the released model), with an explicit KV cache.
+
+Submodule names follow Hugging Face's `LlamaModel`. The cache is an object the caller owns and passes
+in: DAMRO decodes two sequences of different lengths side by side, each with its own `KVCache`, and
+`forward` takes one cache per batch row. The linear layers see all rows at once (one read of the
+weights serves both DAMRO streams); attention runs per row against that row's own cache, so rows never
+need padding or masks.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .capture import Capture, eager_attention
+
+
+@dataclass
+class TextConfig:
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # < num_attention_heads means grouped-query attention
+    head_dim: int = 128
+    vocab_size: int = 32064        # llava-hf pads the 32002 used ids to a multiple of 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+
+class KVCache:
+    """Keys and values of one sequence, for every layer, in buffers allocated once.
+
+    k, v: (num_layers, num_kv_heads, max_len, head_dim); `length` positions are filled. The next token
+    written goes to position `length`, which is also its RoPE position.
+    """
+
+    def __init__(self, cfg: TextConfig, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, layer: int, k, v):
+        """Store k, v (num_kv_heads, T, head_dim) after the filled part; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[1]
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in float32 and cast back *before* the weight multiply, as HF does (the order matters
+        # for exactness in float16 / bfloat16).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos, sin of shape (T, head_dim) for integer positions (T,), computed in float32 (HF's default RoPE)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions[:, None].float() * inv_freq  # (T, head_dim / 2)
+    emb = torch.cat([freqs, freqs], dim=-1)        # rotate-half layout: both halves share a frequency
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x: (H, T, hd); rotate_half(x) = cat(-x2, x1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, layer: int, caches: list[KVCache], rope: list, masks: list, capture: Capture | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        want = capture is not None and layer in capture.llm_layers
+        out = []
+        for b in range(B):  # each row attends to its own sequence only
+            cos, sin = rope[b]
+            keys, values = caches[b].update(layer, apply_rope(k[b], cos, sin), v[b])  # (Hkv, S, hd)
+            qb = apply_rope(q[b], cos, sin)[None]  # (1, H, T, hd)
+            if want:
+                # GQA: each group of n_heads / n_kv query heads shares one k/v head (HF's repeat_kv).
+                rep = self.n_heads // self.n_kv
+                keys, values = keys.repeat_interleave(rep, 0), values.repeat_interleave(rep, 0)
+                y, probs = eager_attention(qb, keys[None], values[None], masks[b])
+                capture.llm_attn.setdefault(layer, []).append(probs[0])
+            else:
+                y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=masks[b],
+                                                   enable_gqa=self.n_kv != self.n_heads)
+            out.append(y)
+        y = torch.cat(out).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        return self.o_proj(y)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, layer, caches, rope, masks, capture):
+        x = x + self.self_attn(self.input_layernorm(x), layer, caches, rope, masks, capture)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, caches: list[KVCache], capture: Capture | None = None):
+        """x: (B, T, D) input embeddings, row b continuing the sequence in caches[b]. Returns (B, T, D).
+
+        Every row has T new tokens. Each cache grows by T; a row's positions continue from its own length.
+        """
+        B, T, _ = x.shape
+        if len(caches) != B:
+            raise ValueError(f"{B} rows need {B} caches, got {len(caches)}")
+        rope, masks = [], []
+        for cache in caches:  # built once per forward, shared by every layer
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"the KV cache holds {cache.max_len} positions; {cache.length + T} needed")
+            pos = torch.arange(cache.length, cache.length + T, device=x.device)
+            rope.append(rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype))
+            # Causal mask over (T new queries, length + T keys); a single new token sees everything.
+            if T == 1:
+                masks.append(None)
+            else:
+                keys = torch.arange(cache.length + T, device=x.device)
+                allowed = keys[None, :] <= pos[:, None]
+                masks.append(torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+                             .masked_fill(~allowed, torch.finfo(x.dtype).min))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, caches, rope, masks, capture)
+        for cache in caches:
+            cache.length += T
+        return self.norm(x)

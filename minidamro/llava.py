@@ -1,0 +1,170 @@
+"""LLaVA-1.5 glue: the projector, the merge of image features into the prompt, and strict loading.
+
+A converted checkpoint directory (see weights_convert.py) holds `config.json` (minidamro's own,
+flattened from the Hugging Face one), `model.safetensors` in minidamro's key names, `tokenizer.model`.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import MinidamroError
+from .capture import Capture
+from .llama import LlamaModel, TextConfig
+from .vision import CLIPVisionTower, VisionConfig, hidden_state_index
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig
+    text: TextConfig
+    image_token_index: int = 32000
+    vision_feature_layer: int = -2                   # hidden state LLaVA reads: output of the 2nd-last layer
+    vision_feature_select_strategy: str = "default"  # "default" drops [CLS], "full" keeps it
+    preprocessor: dict = field(default_factory=dict)  # see image.py
+    special_tokens: dict = field(default_factory=dict)  # added tokens beyond the sentencepiece vocabulary
+    torch_dtype: str = "float32"                     # dtype the weights are stored in
+
+    @property
+    def feature_hidden_index(self) -> int:  # 0 = embeddings after pre_layrnorm, i = output of layer i - 1
+        return hidden_state_index(self.vision_feature_layer, self.vision.num_hidden_layers)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlavaConfig":
+        def pick(dc, sub: dict):  # ignore keys a newer converter may add
+            return dc(**{f.name: sub[f.name] for f in fields(dc) if f.name in sub})
+        return pick(cls, d | {"vision": pick(VisionConfig, d["vision"]), "text": pick(TextConfig, d["text"])})
+
+    def to_dict(self) -> dict:
+        return {"minidamro_format": FORMAT_VERSION} | asdict(self)
+
+
+class LlavaMultiModalProjector(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+
+    def forward(self, x):
+        # Exact erf GELU here (LLaVA trained the projector), unlike the ViT's quick_gelu.
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class Llava(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_feature_layer)
+        self.multi_modal_projector = LlavaMultiModalProjector(cfg)
+        self.language_model = LlamaModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    def encode_image(self, pixels, capture: Capture | None = None, hidden_states: list | None = None):
+        """pixels (B, 3, S, S) -> projected image features (B, num_image_tokens, D_text)."""
+        h = self.vision_tower(pixels, capture, hidden_states)  # (B, 1 + N, D_vit)
+        if self.cfg.vision_feature_select_strategy == "default":
+            # LLaVA drops [CLS]: ViT token j + 1 is image token j of the LLM (the CLS off-by-one).
+            h = h[:, 1:]
+        return self.multi_modal_projector(h)
+
+    def embed(self, ids, features):
+        """Prompt ids (L,) -> embeddings (1, L, D) with the `<image>` positions replaced, in order, by `features`
+        (n, D). Any n works: DAMRO's contrastive stream uses a prompt with only k image ids."""
+        x = self.language_model.embed_tokens(ids)
+        slots = ids == self.cfg.image_token_index
+        n = int(slots.sum())
+        if n != features.shape[0]:
+            raise MinidamroError(f"the prompt has {n} image tokens but the image gives {features.shape[0]} features")
+        x[slots] = features.to(x.dtype)
+        return x[None]
+
+    def logits(self, h):
+        """Final hidden states -> next-token logits in float32 (the DAMRO rule and sampling run in float32)."""
+        return self.lm_head(h).float()
+
+
+def read_config(model_dir: str) -> LlavaConfig:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise MinidamroError(f"model directory {model_dir} does not exist")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MinidamroError(f"cannot read {path}: {e}") from None
+    if d.get("minidamro_format") != FORMAT_VERSION:
+        raise MinidamroError(f"{model_dir} is not a minidamro checkpoint (convert it with weights_convert.py)")
+    try:
+        return LlavaConfig.from_dict(d)
+    except (KeyError, TypeError) as e:
+        raise MinidamroError(f"{path} is incomplete: {e}") from None
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Memory-map a safetensors file: the tensors are views of the file's pages, not copies.
+
+    The format is 8 bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
+    raw little-endian data. torch.UntypedStorage.from_file maps the file privately (copy-on-write), so
+    pages are read from disk only when touched and never written back.
+    """
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = dtypes[info["dtype"]]
+            begin, end = info["data_offsets"]
+            numel = 1
+            for s in info["shape"]:
+                numel *= s
+            start = 8 + n + begin
+            if end - begin != numel * dtype.itemsize or 8 + n + end > size or start % dtype.itemsize:
+                raise ValueError(f"tensor {name} does not fit the file")
+            out[name] = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, info["shape"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise MinidamroError(f"cannot read weights {path}: {e}") from None
+
+
+def check_state_dict(expected: dict, got: dict, where: str):
+    """Strict loading: every key present, none extra, every shape equal. Names the offenders."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(f"{k} {tuple(got[k].shape)} != {tuple(expected[k].shape)}"
+                    for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape))
+    problems = [f"{label}: {', '.join(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+    if problems:
+        raise MinidamroError(f"{where}: " + "; ".join(problems))
+
+
+def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
+    """Build the model on the meta device and assign the memory-mapped weights: no second copy on the CPU
+    when the stored dtype is the one asked for (otherwise each tensor is converted once)."""
+    cfg = read_config(model_dir)
+    dtype = DTYPES[dtype or cfg.torch_dtype]
+    with torch.device("meta"):
+        model = Llava(cfg)
+    weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
+    check_state_dict(model.state_dict(), weights, f"weights in {model_dir} do not match its config")
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
