@@ -1,0 +1,34 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory):
+    return tiny.train_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok"))
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory, tokenizer_model):
+    """name -> directory of a tiny random llava-hf style checkpoint."""
+    root = tmp_path_factory.mktemp("hf")
+    return {name: tiny.build_hf_checkpoint(name, str(root / name), tokenizer_model, seed=i)
+            for i, name in enumerate(tiny.CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, hf_checkpoints):
+    """name -> directory of the same checkpoint converted by weights_convert.py (float32)."""
+    import weights_convert
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for name, src in hf_checkpoints.items():
+        out[name] = str(root / name)
+        weights_convert.convert(src, out[name])
+    return out
