@@ -1,0 +1,155 @@
+"""python -m minidamro.generate IMAGE: answer a prompt about an image with LLaVA-1.5, plainly or with DAMRO.
+
+    python -m minidamro.generate photo.jpg --model checkpoints/llava-1.5-7b --prompt "What is in this image?"
+    python -m minidamro.generate photo.jpg --method damro --alpha 2 --beta 0.1 --topk 10
+    python -m minidamro.generate photo.jpg --compare          # plain, then DAMRO, same seed
+
+Text is streamed as it is generated. Any problem with the input is one `error:` line on stderr and exit 2.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+import torch
+
+from . import MinidamroError, damro, generation
+from .image import load_image, preprocess
+from .llava import DTYPES, load_model
+from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt, prompt_ids
+
+NO_MODEL = ("no model: pass --model DIR or set MINIDAMRO_MODEL. To make one, download llava-hf/llava-1.5-7b-hf "
+            "(e.g. `huggingface-cli download llava-hf/llava-1.5-7b-hf --local-dir llava-1.5-7b-hf`) and run "
+            "`python weights_convert.py llava-1.5-7b-hf checkpoints/llava-1.5-7b`")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = Parser(prog="python -m minidamro.generate", description=__doc__.split("\n")[0])
+    p.add_argument("image", help="an image file (any format and mode Pillow reads)")
+    p.add_argument("--model", default=os.environ.get("MINIDAMRO_MODEL"),
+                   help="converted checkpoint directory (default: $MINIDAMRO_MODEL)")
+    p.add_argument("--prompt", default="What is in this image?")
+    p.add_argument("--system", default=None,
+                   help="text put before 'USER:'; 'llava_v1' is the llava_v1 system text the DAMRO scripts use")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the one torch.Generator (default: random)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
+    p.add_argument("--pad-square", action="store_true",
+                   help="pad the image to a square of the mean colour first, as the original LLaVA code does")
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument("--method", choices=("plain", "damro"), default="plain")
+    p.add_argument("--compare", action="store_true", help="run plain and DAMRO one after the other")
+    d = damro.DamroConfig()
+    p.add_argument("--alpha", type=float, default=d.alpha, help="DAMRO contrast strength (Eq. 5)")
+    p.add_argument("--beta", type=float, default=d.beta, help="DAMRO plausibility cutoff (Eq. 6)")
+    p.add_argument("--topk", type=int, default=d.topk, help="DAMRO outlier tokens")
+    p.add_argument("--outlier-attention", choices=damro.OUTLIER_ATTENTION, default=d.outlier_attention,
+                   help="full: the released code's full-width [CLS] q.k (default); heads: mean of per-head attention")
+    return p.parse_args(argv)
+
+
+def check_options(a):
+    if not a.model:
+        raise MinidamroError(NO_MODEL)
+    if a.max_new_tokens < 1:
+        raise MinidamroError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    if a.temperature < 0:
+        raise MinidamroError(f"--temperature must be >= 0, got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        raise MinidamroError(f"--top-p must be in (0, 1], got {a.top_p}")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise MinidamroError(f"unknown --device {a.device}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinidamroError("--device cuda asked for, but PyTorch sees no CUDA device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MinidamroError("--device mps asked for, but PyTorch sees no MPS device")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise MinidamroError(f"--device must be cpu, cuda or mps, got {a.device}")
+
+
+def stream(tokens, tok: Tokenizer, out) -> list[int]:
+    """Print the text of the tokens as they come. Text is re-decoded from all ids so far, so pieces that
+    join (byte-fallback UTF-8, word-start spaces) print correctly; an incomplete character waits."""
+    ids, shown = [], ""
+    for t in tokens:
+        ids.append(t)
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    text = tok.decode(ids)
+    out.write(text[len(shown):] + "\n")
+    return ids
+
+
+def run(a, out=sys.stdout) -> dict:
+    check_options(a)
+    model = load_model(a.model, a.device, a.dtype)
+    cfg = model.cfg
+    tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
+    pixels = preprocess(load_image(a.image), cfg.preprocessor, pad_to_square=a.pad_square)
+    system = LLAVA_V1_SYSTEM if a.system == "llava_v1" else a.system
+    ids = torch.tensor(prompt_ids(tok, build_prompt(a.prompt, system), cfg.image_token_index, cfg.num_image_tokens),
+                       device=a.device)
+    room = cfg.text.max_position_embeddings - len(ids)
+    if room < 1:
+        raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "
+                             f"{cfg.text.max_position_embeddings}")
+    max_new = min(a.max_new_tokens, room)  # generation stops where the context ends
+    dcfg = damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention)
+    if a.method == "damro" or a.compare:
+        dcfg.check(cfg.vision.num_patches)
+        damro.selection_layer(model)
+    seed = a.seed if a.seed is not None else random.randrange(2**63)
+
+    results = {}
+    for method in ("plain", "damro") if a.compare else (a.method,):
+        sampler = generation.Sampler(a.temperature, a.top_p, seed, a.device)
+        result = {"method": method}
+        if method == "plain":
+            tokens = generation.generate(model, ids, pixels, sampler, max_new)
+        else:
+            outliers, tokens = damro.generate(model, ids, pixels, dcfg, sampler, max_new)
+            result |= {"alpha": a.alpha, "beta": a.beta, "topk": a.topk,
+                       "outlier_attention": a.outlier_attention, "outliers": outliers}
+        if a.compare:
+            extra = f" (alpha {a.alpha}, beta {a.beta}, outliers {result['outliers']})" if method == "damro" else ""
+            out.write(f"[{method}{extra}]\n")
+        token_ids = stream(tokens, tok, out)
+        result |= {"text": tok.decode(token_ids), "token_ids": token_ids,
+                   "stopped_at_eos": token_ids[-1] == cfg.text.eos_token_id}
+        results[method] = result
+    common = {"image": a.image, "prompt": a.prompt, "system": system, "seed": seed, "temperature": a.temperature,
+              "top_p": a.top_p, "max_new_tokens": max_new, "model": a.model}
+    obj = {**common, **results} if a.compare else {**common, **results[a.method]}
+    if a.json:
+        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    return obj
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except MinidamroError as e:
+        sys.exit(f"error: {e}")
+    except (RuntimeError, OSError) as e:  # e.g. out of memory: still one line, not a traceback
+        sys.exit(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
