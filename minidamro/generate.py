@@ -94,7 +94,8 @@ def stream(tokens, tok: Tokenizer, out) -> list[int]:
     return ids
 
 
-def run(a, out=sys.stdout) -> dict:
+def run(a, out=None) -> dict:
+    out = out or sys.stdout
     check_options(a)
     model = load_model(a.model, a.device, a.dtype)
     cfg = model.cfg
@@ -139,14 +140,20 @@ def run(a, out=sys.stdout) -> dict:
     return obj
 
 
+def fail(message: str, code: int = 1):
+    """The one line a user sees for bad input, instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
     except MinidamroError as e:
-        sys.exit(f"error: {e}")
-    except (RuntimeError, OSError) as e:  # e.g. out of memory: still one line, not a traceback
-        sys.exit(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        fail(str(e))
+    except (RuntimeError, OSError) as e:  # e.g. out of memory: still one line
+        fail(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     except KeyboardInterrupt:
         sys.exit(130)
 
