@@ -1,0 +1,333 @@
+"""Convert a Hugging Face LLaVA-1.5 checkpoint directory into a minidamro one.
+
+    python weights_convert.py llava-1.5-7b-hf checkpoints/llava-1.5-7b [--dtype float16] [--force]
+
+Reads config.json, the safetensors weights (single file or sharded), preprocessor / tokenizer settings and
+tokenizer.model; writes config.json (minidamro's LlavaConfig), model.safetensors (minidamro's key names,
+only the weights the model uses) and tokenizer.model. The weights are streamed one tensor at a time from the
+memory-mapped source, so a 7B checkpoint converts in little memory. Everything is written into a temporary
+sibling directory that is renamed into place at the end: an error leaves nothing half-written.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from contextlib import ExitStack
+
+import torch
+from safetensors import safe_open
+from sentencepiece import SentencePieceProcessor
+
+from minidamro import MinidamroError
+from minidamro.image import LLAVA_PREPROCESSOR
+from minidamro.llama import TextConfig
+from minidamro.llava import DTYPES, Llava, LlavaConfig, check_state_dict
+from minidamro.vision import VisionConfig
+
+# Source prefix -> minidamro prefix, first match wins. Three layouts: the hub's (transformers v4), v5's
+# save_pretrained default (the same without `vision_model.`), v5's in-memory names (`model.*`, `lm_head`).
+PREFIXES = [
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("language_model.model.", "language_model."),
+    ("model.language_model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+]
+BUFFERS = (".position_ids", ".inv_freq")  # saved by some versions, not weights
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# transformers' defaults for fields a config.json omits (the llava-hf one omits most of text_config).
+CLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+# LlavaConfig builds ViT-L/14 at 336 px when vision_config is absent altogether.
+LLAVA_VISION = CLIP_VISION | dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14)
+LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+             num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048, bos_token_id=1,
+             eos_token_id=2)
+# Where tokenizers keep added tokens: file -> its (content, id) pairs. The first file naming a token wins.
+ADDED_TOKENS = {
+    "tokenizer_config.json": lambda d: [(t["content"], int(i)) for i, t in d.get("added_tokens_decoder", {}).items()],
+    "tokenizer.json": lambda d: [(t["content"], int(t["id"])) for t in d.get("added_tokens") or []],
+    "added_tokens.json": lambda d: [(c, int(i)) for c, i in d.items()],
+}
+# CLIPImageProcessor's defaults: llava-hf's settings at CLIP's 224 px.
+CLIP_PROCESSOR = LLAVA_PREPROCESSOR | {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
+
+
+def get(d: dict, key: str, default):  # as transformers: absent or null means the default
+    return default if d.get(key) is None else d[key]
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MinidamroError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise MinidamroError(f"{path} is not a JSON object")
+    return d
+
+
+def build_config(hf: dict, path: str) -> LlavaConfig:
+    if hf.get("model_type") != "llava":
+        raise MinidamroError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'llava', LLaVA-1.5)")
+    vision_defaults = LLAVA_VISION if hf.get("vision_config") is None else CLIP_VISION
+    vc, tc = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    vision = {k: get(vc, k, v) for k, v in vision_defaults.items()}
+    text = {k: get(tc, k, v) for k, v in LLAMA.items()}
+    text["num_key_value_heads"] = get(tc, "num_key_value_heads", text["num_attention_heads"])
+    text["head_dim"] = get(tc, "head_dim", text["hidden_size"] // text["num_attention_heads"])
+    rope = get(tc, "rope_parameters", None) or get(tc, "rope_scaling", None) or {}  # v5 / v4
+    text["rope_theta"] = float(get(rope, "rope_theta", get(tc, "rope_theta", 10000.0)))
+    feature_layer = get(hf, "vision_feature_layer", -2)
+    strategy = get(hf, "vision_feature_select_strategy", "default")
+
+    unsupported = [f"{what} {value!r}" for what, value, allowed in [
+        ("vision_config model_type", vc.get("model_type", "clip_vision_model"), ["clip_vision_model"]),
+        ("text_config model_type", tc.get("model_type", "llama"), ["llama"]),
+        ("vision hidden_act", vision["hidden_act"], ["quick_gelu", "gelu"]),
+        ("text hidden_act", get(tc, "hidden_act", "silu"), ["silu"]),
+        ("projector_hidden_act", get(hf, "projector_hidden_act", "gelu"), ["gelu"]),
+        ("multimodal_projector_bias", get(hf, "multimodal_projector_bias", True), [True]),
+        ("attention_bias", get(tc, "attention_bias", False), [False]),
+        ("mlp_bias", get(tc, "mlp_bias", False), [False]),
+        ("rope_type", rope.get("rope_type", rope.get("type", "default")), ["default"]),
+        ("vision_feature_select_strategy", strategy, ["default", "full"]),
+    ] if value not in allowed]
+    # A list of feature layers (concatenated features) is not LLaVA-1.5; nor are non-square patches.
+    unsupported += [f"{what} {value!r}" for what, value in [
+        ("vision_feature_layer", feature_layer), ("eos_token_id", text["eos_token_id"]),
+        ("image_size", vision["image_size"]), ("patch_size", vision["patch_size"])] if type(value) is not int]
+    if unsupported:
+        raise MinidamroError(f"{path}: unsupported " + ", ".join(unsupported))
+    cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text),
+                      image_token_index=get(hf, "image_token_index", get(hf, "image_token_id", 32000)),
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
+    try:
+        cfg.feature_hidden_index
+    except ValueError as e:
+        raise MinidamroError(f"{path}: {e}") from None
+    if not 0 <= cfg.image_token_index < cfg.text.vocab_size:
+        raise MinidamroError(f"{path}: image_token_index {cfg.image_token_index} is outside the vocabulary")
+    return cfg
+
+
+def read_preprocessor(src: str, cfg: LlavaConfig) -> dict:
+    path = os.path.join(src, "preprocessor_config.json")
+    if os.path.exists(path):
+        p = read_json(path)
+    elif os.path.exists(os.path.join(src, "processor_config.json")):  # what transformers v5 writes
+        path = os.path.join(src, "processor_config.json")
+        p = read_json(path).get("image_processor") or {}
+    else:
+        print(f"note: {src} has no preprocessor_config.json; using llava-hf's image preprocessing")
+        p = LLAVA_PREPROCESSOR
+    out = {k: get(p, k, v) for k, v in CLIP_PROCESSOR.items()}
+    if isinstance(out["size"], int):  # old configs: an int size is the short side, an int crop a square
+        out["size"] = {"shortest_edge": out["size"]}
+    if isinstance(out["crop_size"], int):
+        out["crop_size"] = {"height": out["crop_size"], "width": out["crop_size"]}
+    # The position embeddings fix the ViT's input size: the preprocessed image must be exactly that.
+    final = out["crop_size"] if out["do_center_crop"] else out["size"]
+    s = cfg.vision.image_size
+    if (final.get("height"), final.get("width")) != (s, s):
+        raise MinidamroError(f"{path}: images are preprocessed to {final}, but the vision tower takes {s}x{s}")
+    return out
+
+
+def read_special_tokens(src: str, cfg: LlavaConfig, sp_size: int) -> dict:
+    """Added tokens beyond the sentencepiece vocabulary (`<image>`, `<pad>`): content -> id."""
+    tokens = {}
+    for name, read in ADDED_TOKENS.items():
+        path = os.path.join(src, name)
+        try:
+            found = read(read_json(path)) if os.path.exists(path) else []
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MinidamroError(f"{path}: malformed added tokens ({type(e).__name__}: {e})") from None
+        for content, i in found:
+            if i >= sp_size:  # ids inside the sentencepiece vocabulary are its own pieces
+                tokens.setdefault(content, i)
+    if tokens.get("<image>", cfg.image_token_index) != cfg.image_token_index:
+        raise MinidamroError(f"{src}: the tokenizer gives <image> id {tokens['<image>']}, "
+                             f"config.json image_token_index {cfg.image_token_index}")
+    return tokens | {"<image>": cfg.image_token_index}
+
+
+def open_weights(src: str, stack: ExitStack) -> dict:
+    """Source key -> the memory-mapped safe_open handle holding it."""
+    single, index = os.path.join(src, "model.safetensors"), os.path.join(src, "model.safetensors.index.json")
+    weight_map = None
+    if os.path.exists(single):
+        shards = ["model.safetensors"]
+    elif os.path.exists(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MinidamroError(f"{index} has no weight_map")
+        shards = sorted(set(weight_map.values()))
+    else:
+        raise MinidamroError(f"{src} has no model.safetensors or model.safetensors.index.json")
+    handles = {}
+    for shard in shards:
+        path = os.path.join(src, shard)
+        if os.path.basename(shard) != shard or not os.path.exists(path):
+            raise MinidamroError(f"{index} names shard {shard}, which is not in {src}")
+        try:
+            f = stack.enter_context(safe_open(path, framework="pt"))
+        except Exception as e:  # safetensors raises its own SafetensorError on a bad header or short file
+            raise MinidamroError(f"cannot read weights {path}: {e}") from None
+        for k in f.keys():
+            if k in handles:
+                raise MinidamroError(f"{src}: weight {k} is stored twice")
+            handles[k] = f
+    if weight_map is not None:
+        wrong = sorted(k for k, shard in weight_map.items() if k not in handles)
+        if wrong:
+            raise MinidamroError(f"{index} names weights its shards lack: {', '.join(wrong)}")
+    return handles
+
+
+def map_keys(handles: dict, cfg: LlavaConfig, tied: bool) -> tuple[dict, int]:
+    """minidamro name -> source name, for the weights minidamro builds; and how many were dropped."""
+    built = cfg.feature_hidden_index  # ViT layers past the feature layer and post_layernorm are never run
+    unused = re.compile(rf"vision_tower\.(post_layernorm\.|encoder\.layers\.(\d+)\.)")
+    names, dropped = {}, 0
+    for key in handles:
+        if key.endswith(BUFFERS):
+            continue
+        new = next((to + key[len(p):] for p, to in PREFIXES if key.startswith(p)), key)  # unknown: kept as is
+        m = unused.match(new)
+        if m and (m[2] is None or built <= int(m[2]) < cfg.vision.num_hidden_layers):
+            dropped += 1
+            continue
+        if new in names:
+            raise MinidamroError(f"weights {names[new]} and {key} are the same weight in different layouts")
+        names[new] = key
+    if "lm_head.weight" not in names and "language_model.embed_tokens.weight" in names and tied:
+        names["lm_head.weight"] = names["language_model.embed_tokens.weight"]  # tied: one matrix for both
+    return names, dropped
+
+
+def write_safetensors(path: str, names: dict, handles: dict, shapes: dict, dtype: torch.dtype):
+    """Write the header from the shapes first, then one tensor at a time: never the whole model in memory."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    code = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
+    for name in names:
+        size = dtype.itemsize * shapes[name].numel()
+        header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad so the data (and every tensor in it) starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for name, source in names.items():
+            t = handles[source].get_tensor(source).to(dtype).contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy())  # a view of t: no copy
+            del t
+    if os.path.getsize(path) != 8 + len(blob) + offset:
+        raise MinidamroError(f"{path} was not written completely")
+
+
+def convert(src: str, out: str, dtype: str | None = None, force: bool = False) -> None:
+    if not os.path.isdir(src):
+        raise MinidamroError(f"source directory {src} does not exist")
+    if os.path.lexists(out) and not force:
+        raise MinidamroError(f"{out} already exists (use --force to replace it)")
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if os.path.commonpath([real_src, real_out]) in (real_src, real_out):
+        raise MinidamroError(f"the output {out} and the source {src} must not contain each other")
+    if dtype is not None and dtype not in DTYPES:
+        raise MinidamroError(f"unknown dtype {dtype} (choose from {', '.join(DTYPES)})")
+    hf = read_json(os.path.join(src, "config.json"))
+    cfg = build_config(hf, os.path.join(src, "config.json"))
+    tied = bool(hf.get("tie_word_embeddings") or (hf.get("text_config") or {}).get("tie_word_embeddings"))
+    cfg.preprocessor = read_preprocessor(src, cfg)
+    sp_path = os.path.join(src, "tokenizer.model")
+    if not os.path.exists(sp_path):
+        raise MinidamroError(f"{src} has no tokenizer.model: a sentencepiece tokenizer.model is needed")
+    try:
+        sp_size = SentencePieceProcessor(model_file=sp_path).get_piece_size()
+    except (OSError, RuntimeError) as e:
+        raise MinidamroError(f"cannot load tokenizer {sp_path}: {e}") from None
+    cfg.special_tokens = read_special_tokens(src, cfg, sp_size)
+
+    with ExitStack() as stack:
+        handles = open_weights(src, stack)
+        names, dropped = map_keys(handles, cfg, tied)
+        with torch.device("meta"):
+            expected = Llava(cfg).state_dict()
+        stored = {n: handles[s].get_slice(s) for n, s in names.items()}
+        got = {n: torch.empty(sl.get_shape(), device="meta") for n, sl in stored.items()}
+        check_state_dict(expected, got, f"the weights in {src} do not match its config.json")
+        stored_dtypes = {sl.get_dtype() for sl in stored.values()}
+        if not stored_dtypes <= set(SAFETENSORS_DTYPES):
+            raise MinidamroError(f"{src}: unsupported weight dtype {', '.join(sorted(stored_dtypes))}")
+        if dtype is None and len(stored_dtypes) > 1:
+            raise MinidamroError(f"{src} mixes weight dtypes {', '.join(sorted(stored_dtypes))}: choose one "
+                                 "with --dtype")
+        target = DTYPES[dtype] if dtype else SAFETENSORS_DTYPES[stored_dtypes.pop()]
+        cfg.torch_dtype = DTYPE_NAMES[target]
+        names = {n: names[n] for n in expected}  # minidamro's order
+
+        tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(tmp)
+            write_safetensors(os.path.join(tmp, "model.safetensors"), names, handles,
+                              {n: t.shape for n, t in expected.items()}, target)
+            shutil.copyfile(sp_path, os.path.join(tmp, "tokenizer.model"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+            replace(tmp, out, force)
+        except OSError as e:
+            raise MinidamroError(f"cannot write {out}: {e}") from None
+        finally:  # BaseException too: an interrupt leaves nothing half-written
+            shutil.rmtree(tmp, ignore_errors=True)
+    params = sum(t.numel() for t in expected.values())
+    print(f"converted {src} -> {out}: {len(names)} tensors, {params / 1e6:.1f}M parameters in {cfg.torch_dtype}"
+          f" ({dropped} unused vision weights dropped)")
+
+
+def replace(tmp: str, out: str, force: bool):
+    """Move the finished `tmp` to `out`; an existing `out` (with --force) is removed only after that."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    if not force:
+        raise MinidamroError(f"{out} already exists (use --force to replace it)")
+    old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)  # put the old one back
+        raise
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+    else:
+        os.remove(old)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Convert a Hugging Face LLaVA-1.5 checkpoint for minidamro.")
+    ap.add_argument("src", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model)")
+    ap.add_argument("out", help="output directory")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="stored dtype (default: the source's)")
+    ap.add_argument("--force", action="store_true", help="replace an existing output directory")
+    args = ap.parse_args(argv)
+    try:
+        convert(args.src, args.out, args.dtype, args.force)
+    except MinidamroError as e:
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # always exactly one line
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
