@@ -1,0 +1,307 @@
+"""python -m minidamro.analyze IMAGE: where the ViT and the LLM look while LLaVA answers (DAMRO paper, §3).
+
+    python -m minidamro.analyze photo.jpg --model checkpoints/llava-1.5-7b --out analysis/
+    python -m minidamro.analyze photo.jpg --method damro --alpha 2 --topk 10 --out analysis-damro/
+
+Writes into --out: vit_attention.png (the [CLS] attention at the selection layer, outliers numbered: the
+paper's Figure 1), decoder_attention.png (one map per generated word: Figures 2-3) and analysis.json (every
+number behind them, with H_i of Eq. 1 and F of Eq. 2 per generated token).
+
+Decoder attention, as minidamro defines it (the paper does not say how it aggregates): the mean over all
+LLM layers and all heads of the attention row of the position whose logits chose the token (for the
+first token the last prompt position, for token t > 1 the position of token t - 1), restricted to the
+image tokens of the prompt. With --method damro it is the full stream's attention; DAMRO chooses the tokens.
+H_i and F are over the patches: with vision_feature_select_strategy "full" ([CLS] kept as image feature 0)
+patch j is image token j + 1. A word's map uses the row of its first piece (see split_words for the rule).
+"""
+import json
+import os
+import random
+import sys
+import unicodedata
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from PIL import Image
+
+from . import MinidamroError, damro, draw, generation
+from .capture import Capture
+from .generate import Parser, check_options
+from .image import LLAVA_PREPROCESSOR, load_image, preprocess
+from .llava import DTYPES, Llava, load_model
+from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt, prompt_ids
+
+H_MAX = 10   # H_i for i = 1..10, as the paper reports
+F_TOP = 3    # F: the decoder's image attention share on the ViT's top-3 patches
+FILES = ("analysis.json", "vit_attention.png", "decoder_attention.png")
+
+
+@dataclass
+class Token:
+    id: int
+    piece: str               # the sentencepiece piece ("▁" marks a word start)
+    attention: list[float]   # decoder attention over the image tokens (see the module docstring)
+    H: list[float]           # H_1 .. H_10 (Eq. 1), on the patches
+    F: float                 # Eq. 2, on the patches
+
+
+@dataclass
+class Analysis:
+    model: str
+    prompt: str
+    answer: str
+    settings: dict
+    selection_layer: int      # ViT encoder layer (0-based) of the [CLS] attention
+    grid: int                 # patches per side; patch j is row j // grid, column j % grid
+    patch_offset: int         # image token of patch j is j + patch_offset (1 when [CLS] is kept as feature 0)
+    vit_attention: list[float]  # [CLS] attention over the patches (Eq. 3)
+    outliers: list[int]       # top-k patches, descending (Eq. 4): the ones DAMRO's contrastive stream sees
+    tokens: list[Token]
+    words: list[dict]         # {"text", "tokens": indices into tokens}
+    image: Image.Image = field(repr=False)  # the preprocessed input, back in RGB (not written to the JSON)
+
+
+def top(row, i: int) -> set[int]:
+    """Indices of the i largest values; ties go to the lower index (a stable sort, so H_i is well defined)."""
+    return set(torch.sort(torch.as_tensor(row), descending=True, stable=True).indices[:i].tolist())
+
+
+def overlap(vit, dec, i: int) -> float:
+    """Eq. 1: H_i = |S_v(i) ∩ S_l(i)| / i, the top-i patches of the ViT's and of the decoder's attention."""
+    return len(top(vit, i) & top(dec, i)) / i
+
+
+def outlier_share(vit, dec, n: int = F_TOP) -> float:
+    """Eq. 2: F = the decoder attention on the ViT's top-n patches over its attention on all patches."""
+    dec = torch.as_tensor(dec, dtype=torch.float64)
+    return float(dec[list(top(vit, n))].sum() / dec.sum())
+
+
+def piece_of(tok: Tokenizer, i: int) -> str:
+    """The sentencepiece piece, an added token's name (<image>), or "<id N>" for a padded row with no piece."""
+    if 0 <= i < tok.sp.get_piece_size():
+        return tok.sp.id_to_piece(i)
+    return next((name for name, j in tok.special.items() if j == i), f"<id {i}>")
+
+
+def kind(tok: Tokenizer, i: int) -> str:
+    """How a generated piece joins words: "start" (it carries sentencepiece's word-start "▁"), "alone"
+    (punctuation, a symbol, a newline or other whitespace, or a special token such as </s>: a word by
+    itself) or "cont" (a sub-word piece, or a byte of a byte-fallback character, continuing the word)."""
+    sp = tok.sp
+    if not 0 <= i < sp.get_piece_size() or sp.is_control(i) or sp.is_unknown(i):
+        return "alone"
+    piece = sp.id_to_piece(i)
+    if sp.is_byte(i):  # "<0x0A>": ASCII bytes are characters; the others are parts of one
+        b = int(piece[3:5], 16)
+        text = chr(b) if b < 0x80 else "x"
+    else:
+        text = piece.replace("▁", "")
+    if text and all(unicodedata.category(c)[0] in "PSZC" for c in text):
+        return "alone"
+    return "start" if piece.startswith("▁") else "cont"
+
+
+def split_words(tok: Tokenizer, ids: list[int]) -> list[dict]:
+    """Whole words from generated pieces: a piece of kind "start" or "alone" opens a new word, and so does
+    any piece after an "alone" one ("dog." is "dog", "."); a "cont" piece joins the current word.
+    Returns [{"text", "tokens": indices into ids}], the text decoded from the word's ids."""
+    words, after_alone = [], True
+    for n, i in enumerate(ids):
+        k = kind(tok, i)
+        if after_alone or k != "cont":
+            words.append({"tokens": []})
+        words[-1]["tokens"].append(n)
+        after_alone = k == "alone"
+    for w in words:
+        w_ids = [ids[n] for n in w["tokens"]]
+        text = tok.decode(w_ids).strip()
+        if not text or not text.isprintable() or "\ufffd" in text:  # newline, </s>, stray bytes: the pieces
+            text = "".join(piece_of(tok, i) for i in w_ids).replace("▁", " ").replace("<0x0A>", "\\n").strip()
+        w["text"] = text
+    return words
+
+
+def to_rgb_image(pixels, preprocessor: dict) -> Image.Image:
+    """Undo the normalisation: (1, 3, S, S) float pixels -> the RGB image the model saw."""
+    mean = torch.tensor(preprocessor["image_mean"])[:, None, None]
+    std = torch.tensor(preprocessor["image_std"])[:, None, None]
+    x = ((pixels[0].float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return Image.frombytes("RGB", (x.shape[2], x.shape[1]), bytes(x.permute(1, 2, 0).flatten().tolist()))
+
+
+@torch.inference_mode()
+def vit_attention(model: Llava, pixels, mode: str):
+    """[CLS] attention over all 1 + N ViT tokens at the selection layer (damro.cls_attention), and the features."""
+    layer = damro.selection_layer(model)
+    want = Capture(vit_qk_layers=(layer,)) if mode == "full" else Capture(vit_layers=(layer,))
+    features = model.encode_image(pixels, want)[0]
+    return layer, damro.cls_attention(want, layer, mode), features
+
+
+@torch.inference_mode()
+def decoder_attention(model: Llava, ids, features, tokens: list[int]):
+    """(len(tokens), num_image_tokens): for each generated token, the mean over layers and heads of the attention
+    row of the position whose logits chose it, over the image tokens.
+
+    The tokens are replayed (teacher-forced) through the full stream with attention captured: the prompt
+    minus its last position is prefilled on the fast path, then each position that chose a token is one
+    captured step, so only (H, 1, S) per layer is ever kept."""
+    lm, layers = model.language_model, tuple(range(model.cfg.text.num_hidden_layers))
+    images = (ids == model.cfg.image_token_index).nonzero()[:, 0]
+    cache = generation.new_cache(model, len(ids) + len(tokens))
+    x = model.embed(ids, features)
+    lm(x[:, :-1], [cache])
+    steps = [x[:, -1:]] + [lm.embed_tokens(torch.tensor([[t]], device=ids.device)) for t in tokens[:-1]]
+    rows = []
+    for x_t in steps:
+        capture = Capture(llm_layers=layers)
+        lm(x_t, [cache], capture)
+        probs = torch.stack([capture.llm_attn[layer][0][:, -1] for layer in layers]).float()  # (layers, H, S)
+        rows.append(probs.mean((0, 1))[images])
+    return torch.stack(rows).cpu()
+
+
+def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, method: str = "plain",
+            dcfg: damro.DamroConfig | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+            max_new_tokens: int = 64, system: str | None = None, pad_square: bool = False,
+            model_dir: str = "") -> Analysis:
+    """Generate an answer exactly as generation.generate (plain) or damro.generate (damro) would, then measure
+    the ViT's [CLS] attention and the decoder's attention for every generated token."""
+    cfg, dcfg = model.cfg, dcfg or damro.DamroConfig()
+    if method not in ("plain", "damro"):
+        raise MinidamroError(f"--method must be plain or damro, got {method}")
+    dcfg.check(cfg.vision.num_patches)
+    if max_new_tokens < 1:
+        raise MinidamroError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    device = model.lm_head.weight.device
+    pixels = preprocess(image, cfg.preprocessor or LLAVA_PREPROCESSOR, pad_to_square=pad_square).to(device)
+    ids = torch.tensor(prompt_ids(tok, build_prompt(prompt, system), cfg.image_token_index, cfg.num_image_tokens),
+                       device=device)
+    max_new = min(max_new_tokens, cfg.text.max_position_embeddings - len(ids))
+    if max_new < 1:
+        raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "
+                             f"{cfg.text.max_position_embeddings}")
+
+    # The tokens come from the reference decoders themselves, untouched by any capture (a captured layer
+    # takes the eager path, which can differ from SDPA in the last bit), so they are exactly theirs.
+    sampler = generation.Sampler(temperature, top_p, seed, device)
+    if method == "plain":
+        tokens = list(generation.generate(model, ids, pixels, sampler, max_new))
+    else:
+        tokens = list(damro.generate(model, ids, pixels, dcfg, sampler, max_new)[1])
+
+    layer, cls_row, features = vit_attention(model, pixels, dcfg.outlier_attention)
+    offset = int(cfg.vision_feature_select_strategy == "full")  # [CLS] kept: patch j is image token j + 1
+    vit = cls_row[1:].cpu()                                       # patches only (Eq. 3 keeps A_cls[1:])
+    dec = decoder_attention(model, ids, features, tokens)         # (n, num_image_tokens)
+    n_h = min(H_MAX, len(vit))
+    records = []
+    for t, row in zip(tokens, dec):
+        patches = row[offset:]
+        records.append(Token(t, piece_of(tok, t), row.tolist(), [overlap(vit, patches, i) for i in range(1, n_h + 1)],
+                             outlier_share(vit, patches)))
+    settings = {"method": method, "alpha": dcfg.alpha, "beta": dcfg.beta, "topk": dcfg.topk,
+                "outlier_attention": dcfg.outlier_attention, "temperature": temperature, "top_p": top_p,
+                "seed": seed, "max_new_tokens": max_new, "system": system, "pad_square": pad_square,
+                "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+    return Analysis(model_dir, prompt, tok.decode(tokens), settings, layer, int(len(vit) ** 0.5), offset,
+                    vit.tolist(), damro.select_outliers(cls_row, dcfg.topk).tolist(), records,
+                    split_words(tok, tokens), to_rgb_image(pixels, cfg.preprocessor or LLAVA_PREPROCESSOR))
+
+
+def figures(a: Analysis) -> tuple[Image.Image, Image.Image]:
+    s, top3 = a.settings, sum(sorted(a.vit_attention, reverse=True)[:F_TOP])
+    how = {"full": "full-width [CLS] q.k as DAMRO's code", "heads": "mean over heads"}[s["outlier_attention"]]
+    name = os.path.basename(os.path.normpath(a.model)) if a.model else "model"
+    vit = draw.vit_figure(
+        a.image, a.vit_attention, a.grid, a.outliers,
+        f"ViT [CLS] attention at encoder layer {a.selection_layer} (0-based), top-{len(a.outliers)} outliers",
+        f"{how}; the top 3 patches take {top3:.1%} of it; {name}")
+    # A word's map is its first piece's row: the position whose logits committed to the word.
+    tiles = [(w["text"], f"F {t.F:.3f}  H3 {t.H[min(2, len(t.H) - 1)]:.2f}", t.attention[a.patch_offset:])
+             for w in a.words for t in [a.tokens[w["tokens"][0]]]]
+    dec = draw.decoder_figure(
+        a.image, tiles, a.grid, a.outliers[:F_TOP],
+        f"Decoder attention over the image per generated word ({s['method']} decoding; {name})",
+        "mean of all layers and heads, row of the word's first piece; outlined: the ViT's top 3 patches; "
+        "F: their share (Eq. 2); H3: top-3 overlap (Eq. 1)")
+    return vit, dec
+
+
+def write(a: Analysis, out_dir: str) -> None:
+    """Write analysis.json, vit_attention.png and decoder_attention.png into out_dir (created); each file is
+    written under a temporary name and renamed, so a reader never sees half a file."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        obj = asdict(replace(a, image=None))
+        del obj["image"]
+        obj["F_top"], obj["H_indices"] = F_TOP, list(range(1, len(a.tokens[0].H) + 1)) if a.tokens else []
+        vit, dec = figures(a)
+
+        def save_json(path):
+            with open(path, "w") as f:
+                json.dump(obj, f, ensure_ascii=False)
+        for name, save in (("analysis.json", save_json),
+                           ("vit_attention.png", lambda path: vit.save(path, format="PNG", optimize=True)),
+                           ("decoder_attention.png", lambda path: dec.save(path, format="PNG", optimize=True))):
+            path = os.path.join(out_dir, name)
+            save(path + ".tmp")
+            os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise MinidamroError(f"cannot write to {out_dir}: {e}") from None
+
+
+def parse_args(argv=None):
+    p = Parser(prog="python -m minidamro.analyze", description=__doc__.split("\n")[0])
+    p.add_argument("image", help="an image file (any format and mode Pillow reads)")
+    p.add_argument("--model", default=os.environ.get("MINIDAMRO_MODEL"),
+                   help="converted checkpoint directory (default: $MINIDAMRO_MODEL)")
+    p.add_argument("--prompt", default="What can you see in this image?", help="the paper's analysis prompt by default")
+    p.add_argument("--system", default=None, help="text put before 'USER:'; 'llava_v1' is the llava_v1 system text")
+    p.add_argument("--out", default="analysis", help="output directory (default: analysis)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the one torch.Generator (default: random)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
+    p.add_argument("--pad-square", action="store_true", help="pad the image to a square of the mean colour first")
+    p.add_argument("--method", choices=("plain", "damro"), default="plain", help="the decoder that chooses the tokens")
+    d = damro.DamroConfig()
+    p.add_argument("--alpha", type=float, default=d.alpha, help="DAMRO contrast strength (Eq. 5)")
+    p.add_argument("--beta", type=float, default=d.beta, help="DAMRO plausibility cutoff (Eq. 6)")
+    p.add_argument("--topk", type=int, default=d.topk, help="outliers: numbered in the ViT map, used by DAMRO")
+    p.add_argument("--outlier-attention", choices=damro.OUTLIER_ATTENTION, default=d.outlier_attention,
+                   help="full: the released code's full-width [CLS] q.k (default); heads: mean of per-head attention")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        check_options(a)
+        if os.path.exists(a.out) and not os.path.isdir(a.out):  # fail before the work, not after it
+            raise MinidamroError(f"cannot write to {a.out}: it is a file, not a directory")
+        image = load_image(a.image)
+        model = load_model(a.model, a.device, a.dtype)
+        tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
+        seed = a.seed if a.seed is not None else random.randrange(2**63)
+        result = analyze(model, tok, image, a.prompt, a.method,
+                         damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention),
+                         temperature=a.temperature, top_p=a.top_p, seed=seed, max_new_tokens=a.max_new_tokens,
+                         system=LLAVA_V1_SYSTEM if a.system == "llava_v1" else a.system,
+                         pad_square=a.pad_square, model_dir=a.model)
+        write(result, a.out)
+        print(result.answer)
+        print(f"wrote {', '.join(os.path.join(a.out, name) for name in FILES)}", file=sys.stderr)
+    except MinidamroError as e:
+        sys.exit(f"error: {e}")
+    except (RuntimeError, OSError) as e:  # e.g. out of memory: still one line, not a traceback
+        sys.exit(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
