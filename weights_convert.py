@@ -198,7 +198,7 @@ def open_weights(src: str, stack: ExitStack) -> dict:
 def map_keys(handles: dict, cfg: LlavaConfig, tied: bool) -> tuple[dict, int]:
     """minidamro name -> source name, for the weights minidamro builds; and how many were dropped."""
     built = cfg.feature_hidden_index  # ViT layers past the feature layer and post_layernorm are never run
-    unused = re.compile(rf"vision_tower\.(post_layernorm\.|encoder\.layers\.(\d+)\.)")
+    unused = re.compile(r"vision_tower\.(post_layernorm\.|encoder\.layers\.(\d+)\.)")
     names, dropped = {}, 0
     for key in handles:
         if key.endswith(BUFFERS):

@@ -54,10 +54,26 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids`, skipping special and control tokens and ids the tokenizer does not know (llava-hf
-        pads its vocabulary to 32064 rows, so a model can emit ids that have no piece)."""
-        n = self.sp.get_piece_size()
-        text = self.sp_no_prefix.decode([i for i in ids if 0 <= i < n and not (self.sp.is_control(i) or self.sp.is_unknown(i))])
+        """Text of `ids` as transformers decodes it (skip_special_tokens=True). Special and control tokens
+        and ids without a piece are skipped (llava-hf pads its vocabulary to 32064 rows, so a model can emit
+        them). A run of byte-fallback pieces becomes its UTF-8 text, or one U+FFFD per byte if the run is
+        not valid UTF-8 (where sentencepiece's own decode would keep the valid bytes)."""
+        n, out, run = self.sp.get_piece_size(), [], bytearray()
+        for i in ids + [None]:  # None flushes the last byte run
+            if i is not None and (not 0 <= i < n or self.sp.is_control(i) or self.sp.is_unknown(i)):
+                continue
+            if i is not None and self.sp.is_byte(i):
+                run.append(int(self.sp.id_to_piece(i)[1:-1], 16))  # piece "<0xAB>"
+                continue
+            if run:
+                try:
+                    out.append(run.decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(run))
+                run.clear()
+            if i is not None:
+                out.append(self.sp.id_to_piece(i).replace("\u2581", " "))
+        text = "".join(out)
         return text[1:] if text.startswith(" ") else text  # one leading space is the word-start marker
 
 

@@ -203,21 +203,35 @@ def test_per_head_option_matches_reference(name, batched, setups):
 
 
 def test_parity_cases_are_not_vacuous(setups):
-    """DAMRO must change the output somewhere (else the parity tests would not see the contrast), seeds must
-    matter, and some run must stop at EOS (the inclusive stop is compared too)."""
-    changed = seeds = eos = 0
+    """DAMRO must change the output somewhere (else the parity tests would not see the contrast), and seeds
+    must matter."""
+    changed = seeds = 0
     for name in NAMES:
         s = setups(name)
         plain = s.plain()
         for alpha, beta, k, temperature, top_p, seed in CASES:
             r = s.reference(alpha, beta, _k(s, k), temperature, top_p, seed)
             changed += temperature == 0 and r.tokens != plain
-            eos += r.tokens[-1] == tiny_eos()
         a = s.reference(2.0, 0.1, 3, 1.0, 1.0, 11).tokens
         b = s.ref.generate(s.ids, s.pixels, alpha=2.0, beta=0.1, k=3, temperature=1.0, seed=99,
                            max_new_tokens=MAX_NEW).tokens
         seeds += a != b
-    assert changed >= 2 and seeds >= 2 and eos >= 1, (changed, seeds, eos)
+    assert changed >= 2 and seeds >= 2, (changed, seeds)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "separate"])
+def test_stops_at_eos_inclusive_like_the_reference(name, batched, setups, monkeypatch):
+    """Random tiny models rarely emit EOS, so take as EOS a token the DAMRO run really produces mid-answer:
+    both sides must stop right after its first occurrence, EOS included."""
+    s = setups(name)
+    full = s.reference(2.0, 0.1, 3, 1.0, 1.0, 11).tokens
+    eos = full[len(full) // 2]
+    monkeypatch.setattr(s.model.cfg.text, "eos_token_id", eos)
+    ref = s.ref.generate(s.ids, s.pixels, alpha=2.0, beta=0.1, k=3, temperature=1.0, seed=11,
+                         max_new_tokens=MAX_NEW, eos=eos).tokens
+    _, tokens = s.mini(2.0, 0.1, 3, 1.0, 1.0, 11, batched=batched)
+    assert tokens == ref == full[:full.index(eos) + 1]
 
 
 # ------------------------------------------------------------------ reductions to plain decoding

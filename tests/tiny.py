@@ -2,7 +2,7 @@
 
 Three configurations differ in what parity must not depend on: MHA vs GQA, image and patch size,
 vision_feature_layer (negative, positive, last) and the select strategy. Weights are scaled x2 from
-transformers' init so greedy decoding has no near-ties.
+transformers' init so greedy decoding has no near-ties, and biases and norm weights are random too.
 """
 import json
 import os
@@ -13,6 +13,7 @@ import torch
 
 SP_VOCAB = 400            # sentencepiece pieces; <image> = 400, <pad> = 401 as in llava-hf (32000, 32001)
 IMAGE_TOKEN, PAD_TOKEN = SP_VOCAB, SP_VOCAB + 1
+EOS_GAIN = 1.0
 VOCAB = 448               # rows padded to a multiple of 64, as llava-hf's 32064: ids 402.. have no piece
 
 CONFIGS = {
@@ -88,8 +89,14 @@ def build_hf_checkpoint(name: str, out: str, tokenizer_model: str, seed: int = 0
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(hf_config(name))
     with torch.no_grad():
-        for p in model.parameters():
+        for key, p in model.named_parameters():
             p.mul_(2)
+            # transformers starts biases at 0 and norm weights at 1: randomise them, or a lost or misplaced
+            # bias / norm weight could never show in a parity test.
+            if key.endswith("bias") or "norm" in key:
+                p.add_(torch.randn_like(p) * 0.3)
+        # A louder EOS row, so that some runs stop at EOS and the inclusive stop is compared too.
+        model.lm_head.weight[2].mul_(EOS_GAIN)
     model.to(dtype).save_pretrained(out)
     shutil.copy(tokenizer_model, os.path.join(out, "tokenizer.model"))
     added = {str(IMAGE_TOKEN): {"content": "<image>", "lstrip": False, "normalized": False, "rstrip": False,
