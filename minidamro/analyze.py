@@ -26,10 +26,10 @@ from PIL import Image
 
 from . import MinidamroError, damro, draw, generation
 from .capture import Capture
-from .generate import Parser, check_options
+from .generate import Parser, add_arguments, check_options, guarded, system_text
 from .image import LLAVA_PREPROCESSOR, load_image, preprocess
-from .llava import DTYPES, Llava, load_model
-from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt, prompt_ids
+from .llava import Llava, load_model
+from .tokenizer import Tokenizer, build_prompt, prompt_ids
 
 H_MAX = 10   # H_i for i = 1..10, as the paper reports
 F_TOP = 3    # F: the decoder's image attention share on the ViT's top-3 patches
@@ -254,53 +254,30 @@ def write(a: Analysis, out_dir: str) -> None:
 
 def parse_args(argv=None):
     p = Parser(prog="python -m minidamro.analyze", description=__doc__.split("\n")[0])
-    p.add_argument("image", help="an image file (any format and mode Pillow reads)")
-    p.add_argument("--model", default=os.environ.get("MINIDAMRO_MODEL"),
-                   help="converted checkpoint directory (default: $MINIDAMRO_MODEL)")
-    p.add_argument("--prompt", default="What can you see in this image?", help="the paper's analysis prompt by default")
-    p.add_argument("--system", default=None, help="text put before 'USER:'; 'llava_v1' is the llava_v1 system text")
+    add_arguments(p, prompt="What can you see in this image?", max_new_tokens=64)  # the paper's analysis prompt
     p.add_argument("--out", default="analysis", help="output directory (default: analysis)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the one torch.Generator (default: random)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
-    p.add_argument("--pad-square", action="store_true", help="pad the image to a square of the mean colour first")
-    p.add_argument("--method", choices=("plain", "damro"), default="plain", help="the decoder that chooses the tokens")
-    d = damro.DamroConfig()
-    p.add_argument("--alpha", type=float, default=d.alpha, help="DAMRO contrast strength (Eq. 5)")
-    p.add_argument("--beta", type=float, default=d.beta, help="DAMRO plausibility cutoff (Eq. 6)")
-    p.add_argument("--topk", type=int, default=d.topk, help="outliers: numbered in the ViT map, used by DAMRO")
-    p.add_argument("--outlier-attention", choices=damro.OUTLIER_ATTENTION, default=d.outlier_attention,
-                   help="full: the released code's full-width [CLS] q.k (default); heads: mean of per-head attention")
     return p.parse_args(argv)
 
 
+def run(a):
+    check_options(a)
+    if os.path.exists(a.out) and not os.path.isdir(a.out):  # fail before the work, not after it
+        raise MinidamroError(f"cannot write to {a.out}: it is a file, not a directory")
+    image = load_image(a.image)
+    model = load_model(a.model, a.device, a.dtype)
+    tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
+    seed = a.seed if a.seed is not None else random.randrange(2**63)
+    result = analyze(model, tok, image, a.prompt, a.method,
+                     damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention),
+                     temperature=a.temperature, top_p=a.top_p, seed=seed, max_new_tokens=a.max_new_tokens,
+                     system=system_text(a), pad_square=a.pad_square, model_dir=a.model)
+    write(result, a.out)
+    print(result.answer)
+    print(f"wrote {', '.join(os.path.join(a.out, name) for name in FILES)}", file=sys.stderr)
+
+
 def main(argv=None):
-    a = parse_args(argv)
-    try:
-        check_options(a)
-        if os.path.exists(a.out) and not os.path.isdir(a.out):  # fail before the work, not after it
-            raise MinidamroError(f"cannot write to {a.out}: it is a file, not a directory")
-        image = load_image(a.image)
-        model = load_model(a.model, a.device, a.dtype)
-        tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
-        seed = a.seed if a.seed is not None else random.randrange(2**63)
-        result = analyze(model, tok, image, a.prompt, a.method,
-                         damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention),
-                         temperature=a.temperature, top_p=a.top_p, seed=seed, max_new_tokens=a.max_new_tokens,
-                         system=LLAVA_V1_SYSTEM if a.system == "llava_v1" else a.system,
-                         pad_square=a.pad_square, model_dir=a.model)
-        write(result, a.out)
-        print(result.answer)
-        print(f"wrote {', '.join(os.path.join(a.out, name) for name in FILES)}", file=sys.stderr)
-    except MinidamroError as e:
-        sys.exit(f"error: {e}")
-    except (RuntimeError, OSError) as e:  # e.g. out of memory: still one line, not a traceback
-        sys.exit(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -29,15 +29,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def parse_args(argv=None):
-    p = Parser(prog="python -m minidamro.generate", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser, prompt: str, max_new_tokens: int):
+    """The options generate and analyze share."""
     p.add_argument("image", help="an image file (any format and mode Pillow reads)")
     p.add_argument("--model", default=os.environ.get("MINIDAMRO_MODEL"),
                    help="converted checkpoint directory (default: $MINIDAMRO_MODEL)")
-    p.add_argument("--prompt", default="What is in this image?")
+    p.add_argument("--prompt", default=prompt)
     p.add_argument("--system", default=None,
                    help="text put before 'USER:'; 'llava_v1' is the llava_v1 system text the DAMRO scripts use")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed of the one torch.Generator (default: random)")
@@ -45,16 +45,25 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     p.add_argument("--pad-square", action="store_true",
                    help="pad the image to a square of the mean colour first, as the original LLaVA code does")
-    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--method", choices=("plain", "damro"), default="plain")
-    p.add_argument("--compare", action="store_true", help="run plain and DAMRO one after the other")
     d = damro.DamroConfig()
     p.add_argument("--alpha", type=float, default=d.alpha, help="DAMRO contrast strength (Eq. 5)")
     p.add_argument("--beta", type=float, default=d.beta, help="DAMRO plausibility cutoff (Eq. 6)")
     p.add_argument("--topk", type=int, default=d.topk, help="DAMRO outlier tokens")
     p.add_argument("--outlier-attention", choices=damro.OUTLIER_ATTENTION, default=d.outlier_attention,
                    help="full: the released code's full-width [CLS] q.k (default); heads: mean of per-head attention")
+
+
+def parse_args(argv=None):
+    p = Parser(prog="python -m minidamro.generate", description=__doc__.split("\n")[0])
+    add_arguments(p, prompt="What is in this image?", max_new_tokens=256)
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument("--compare", action="store_true", help="run plain and DAMRO one after the other")
     return p.parse_args(argv)
+
+
+def system_text(a) -> str | None:
+    return LLAVA_V1_SYSTEM if a.system == "llava_v1" else a.system
 
 
 def check_options(a):
@@ -101,7 +110,7 @@ def run(a, out=None) -> dict:
     cfg = model.cfg
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
     pixels = preprocess(load_image(a.image), cfg.preprocessor, pad_to_square=a.pad_square)
-    system = LLAVA_V1_SYSTEM if a.system == "llava_v1" else a.system
+    system = system_text(a)
     ids = torch.tensor(prompt_ids(tok, build_prompt(a.prompt, system), cfg.image_token_index, cfg.num_image_tokens),
                        device=a.device)
     room = cfg.text.max_position_embeddings - len(ids)
@@ -146,16 +155,20 @@ def fail(message: str, code: int = 1):
     sys.exit(code)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def guarded(work, *args):
+    """Run a command's work, turning user errors (and out-of-memory and the like) into one line."""
     try:
-        run(args)
+        return work(*args)
     except MinidamroError as e:
         fail(str(e))
-    except (RuntimeError, OSError) as e:  # e.g. out of memory: still one line
+    except (RuntimeError, OSError) as e:
         fail(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def main(argv=None):
+    guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":
