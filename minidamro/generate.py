@@ -20,7 +20,7 @@ from .llava import DTYPES, load_model
 from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt, prompt_ids
 
 NO_MODEL = ("no model: pass --model DIR or set MINIDAMRO_MODEL. To make one, download llava-hf/llava-1.5-7b-hf "
-            "(e.g. `huggingface-cli download llava-hf/llava-1.5-7b-hf --local-dir llava-1.5-7b-hf`) and run "
+            "(e.g. `hf download llava-hf/llava-1.5-7b-hf --local-dir llava-1.5-7b-hf`) and run "
             "`python weights_convert.py llava-1.5-7b-hf checkpoints/llava-1.5-7b`")
 
 
