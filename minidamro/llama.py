@@ -35,13 +35,15 @@ class KVCache:
     """Keys and values of one sequence, for every layer, in buffers allocated once.
 
     k, v: (num_layers, num_kv_heads, max_len, head_dim); `length` positions are filled. The next token
-    written goes to position `length`, which is also its RoPE position.
+    written goes to position `length`, which is also its RoPE position. cos, sin: (max_len, head_dim), the
+    rotation of every position the cache can hold, computed once here rather than at every step.
     """
 
     def __init__(self, cfg: TextConfig, max_len: int, device=None, dtype=torch.float32):
         shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta, dtype)
         self.length = 0
 
     @property
@@ -92,16 +94,16 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, layer: int, caches: list[KVCache], rope: list, masks: list, capture: Capture | None):
+    def forward(self, x, layer: int, caches: list[KVCache], masks: list, capture: Capture | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         want = capture is not None and layer in capture.llm_layers
         out = []
-        for b in range(B):  # each row attends to its own sequence only
-            cos, sin = rope[b]
-            keys, values = caches[b].update(layer, apply_rope(k[b], cos, sin), v[b])  # (Hkv, S, hd)
+        for b, cache in enumerate(caches):  # each row attends to its own sequence only
+            cos, sin = cache.cos[cache.length:cache.length + T], cache.sin[cache.length:cache.length + T]
+            keys, values = cache.update(layer, apply_rope(k[b], cos, sin), v[b])  # (Hkv, S, hd)
             qb = apply_rope(q[b], cos, sin)[None]  # (1, H, T, hd)
             if want:
                 # GQA: each group of n_heads / n_kv query heads shares one k/v head (HF's repeat_kv).
@@ -113,7 +115,7 @@ class LlamaAttention(nn.Module):
                 y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=masks[b],
                                                    enable_gqa=self.n_kv != self.n_heads)
             out.append(y)
-        y = torch.cat(out).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        y = (out[0] if B == 1 else torch.cat(out)).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.o_proj(y)
 
 
@@ -136,8 +138,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, layer, caches, rope, masks, capture):
-        x = x + self.self_attn(self.input_layernorm(x), layer, caches, rope, masks, capture)
+    def forward(self, x, layer, caches, masks, capture):
+        x = x + self.self_attn(self.input_layernorm(x), layer, caches, masks, capture)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -157,22 +159,20 @@ class LlamaModel(nn.Module):
         B, T, _ = x.shape
         if len(caches) != B:
             raise ValueError(f"{B} rows need {B} caches, got {len(caches)}")
-        rope, masks = [], []
+        masks = []
         for cache in caches:  # built once per forward, shared by every layer
             if cache.length + T > cache.max_len:
                 raise ValueError(f"the KV cache holds {cache.max_len} positions; {cache.length + T} needed")
-            pos = torch.arange(cache.length, cache.length + T, device=x.device)
-            rope.append(rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype))
             # Causal mask over (T new queries, length + T keys); a single new token sees everything.
             if T == 1:
                 masks.append(None)
             else:
-                keys = torch.arange(cache.length + T, device=x.device)
-                allowed = keys[None, :] <= pos[:, None]
+                pos, keys = torch.arange(cache.length, cache.length + T), torch.arange(cache.length + T)
+                allowed = (keys[None, :] <= pos[:, None]).to(x.device)
                 masks.append(torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
                              .masked_fill(~allowed, torch.finfo(x.dtype).min))
         for i, layer in enumerate(self.layers):
-            x = layer(x, i, caches, rope, masks, capture)
+            x = layer(x, i, caches, masks, capture)
         for cache in caches:
             cache.length += T
         return self.norm(x)
