@@ -1,0 +1,87 @@
+"""float16 and bfloat16 on the CPU, against transformers in the same dtype.
+
+In half precision the order of summation shows, so each path is compared with the HF path that sums the
+same way: minidamro's fast path (SDPA) with HF's SDPA, its capturing path with HF's eager attention. Both
+pairs agree exactly here (the test says so with torch.equal). Across the two paths the honest tolerance is
+a few units of the dtype's resolution at the logits' scale; that is checked too, so a real error that
+happened to be small in float32 would still have to stay within it.
+"""
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+from minidamro import damro, generation
+from minidamro.capture import Capture
+from minidamro.image import preprocess
+from minidamro.llama import KVCache
+from minidamro.llava import load_model
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def setups(hf_checkpoints, checkpoints):
+    cache = {}
+
+    def get(name, dtype):
+        if (name, dtype) not in cache:
+            from transformers import LlavaForConditionalGeneration
+            hf = {impl: LlavaForConditionalGeneration.from_pretrained(
+                      hf_checkpoints[name], dtype=DTYPES[dtype], attn_implementation=impl).eval()
+                  for impl in ("sdpa", "eager")}
+            model = load_model(checkpoints[name], dtype=dtype)
+            c = model.cfg
+            image = Image.frombytes("RGB", (41, 37), random.Random(0).randbytes(41 * 37 * 3))
+            ids = torch.tensor([1, 5, 6] + [c.image_token_index] * c.num_image_tokens + list(range(10, 30)))
+            cache[name, dtype] = hf, model, ids, preprocess(image, c.preprocessor)
+        return cache[name, dtype]
+    return get
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", tiny.CONFIGS)
+def test_half_precision_matches_transformers(name, dtype, setups):
+    hf, model, ids, pixels = setups(name, dtype)
+    assert all(p.dtype == DTYPES[dtype] for p in model.parameters())
+    with torch.no_grad():
+        ref = {impl: m(input_ids=ids[None], pixel_values=pixels).logits for impl, m in hf.items()}
+    logits = {}
+    for path, capture in (("sdpa", None),
+                          ("eager", Capture(vit_layers=tuple(range(len(model.vision_tower.encoder.layers))),
+                                            llm_layers=tuple(range(model.cfg.text.num_hidden_layers))))):
+        features = model.encode_image(pixels, capture)[0]
+        cache = KVCache(model.cfg.text, len(ids), dtype=DTYPES[dtype])
+        assert cache.k.dtype == DTYPES[dtype]
+        h = model.language_model(model.embed(ids, features), [cache], capture)
+        assert h.dtype == DTYPES[dtype]
+        logits[path] = model.logits(h)
+        assert logits[path].dtype == torch.float32  # the rule and sampling always run in float32
+        assert torch.equal(logits[path], ref[path].float()), f"{path} path differs from HF {path} in {dtype}"
+    # Across paths: within 4 units of the dtype's resolution at the logits' scale.
+    scale = ref["sdpa"].abs().max().item()
+    tol = 4 * torch.finfo(DTYPES[dtype]).eps * scale
+    assert (logits["sdpa"] - logits["eager"]).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", tiny.CONFIGS)
+def test_half_precision_greedy_tokens_match_transformers(name, dtype, setups):
+    hf, model, ids, pixels = setups(name, dtype)
+    with torch.no_grad():
+        expected = hf["sdpa"].generate(input_ids=ids[None], pixel_values=pixels, do_sample=False,
+                                       max_new_tokens=20)[0, len(ids):].tolist()
+    assert list(generation.generate(model, ids, pixels, generation.Sampler(), 20)) == expected
+
+
+@pytest.mark.parametrize("name", tiny.CONFIGS)
+def test_damro_in_bfloat16_batched_equals_two_calls(name, setups):
+    _, model, ids, pixels = setups(name, "bfloat16")
+    cfg = damro.DamroConfig(topk=3)
+    a = damro.generate(model, ids, pixels, cfg, generation.Sampler(1.0, 0.9, seed=5), 16)
+    b = damro.generate(model, ids, pixels, cfg, generation.Sampler(1.0, 0.9, seed=5), 16, batched=False)
+    oa, ob = a[0], b[0]
+    assert oa == ob and len(oa) == 3
+    assert list(a[1]) == list(b[1])
