@@ -102,10 +102,12 @@ def generate(model: Llava, ids, pixels, cfg: DamroConfig, sampler: Sampler, max_
     l = prefill(model, model.embed(ids, features), cache)
     l_cd = prefill(model, model.embed(cd_ids, features[outliers + cls_kept]), cd_cache)
 
-    def step(token):  # append the chosen token to both streams; their caches grow in step
+    def next_scores(token):  # append the chosen token to both streams (the caches grow in step), apply Eq. 5-6
         if batched:
-            return decode_step(model, token.expand(2), [cache, cd_cache])
-        return decode_step(model, token, [cache])[0], decode_step(model, token, [cd_cache])[0]
+            l, l_cd = decode_step(model, token.expand(2), [cache, cd_cache])
+        else:
+            l, l_cd = decode_step(model, token, [cache])[0], decode_step(model, token, [cd_cache])[0]
+        return damro_scores(l, l_cd, cfg.alpha, cfg.beta)
 
-    rule = lambda logits: damro_scores(*logits, cfg.alpha, cfg.beta)  # noqa: E731
-    return outliers.tolist(), decode_loop(model, rule((l, l_cd)), lambda tok: rule(step(tok)), sampler, max_new_tokens)
+    first = damro_scores(l, l_cd, cfg.alpha, cfg.beta)
+    return outliers.tolist(), decode_loop(model, first, next_scores, sampler, max_new_tokens)
