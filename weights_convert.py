@@ -244,12 +244,19 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False) -
     real_src, real_out = os.path.realpath(src), os.path.realpath(out)
     if os.path.commonpath([real_src, real_out]) in (real_src, real_out):
         raise MinidamroError(f"the output {out} and the source {src} must not contain each other")
+    if os.path.lexists(out) and not replaceable(out):
+        raise MinidamroError(f"{out} exists and is not a minidamro checkpoint: --force only replaces those")
     if dtype is not None and dtype not in DTYPES:
         raise MinidamroError(f"unknown dtype {dtype} (choose from {', '.join(DTYPES)})")
     hf = read_json(os.path.join(src, "config.json"))
-    cfg = build_config(hf, os.path.join(src, "config.json"))
-    tied = bool(hf.get("tie_word_embeddings") or (hf.get("text_config") or {}).get("tie_word_embeddings"))
-    cfg.preprocessor = read_preprocessor(src, cfg)
+    try:  # a value of the wrong type anywhere in the JSON: one line, not a traceback
+        cfg = build_config(hf, os.path.join(src, "config.json"))
+        tied = bool(hf.get("tie_word_embeddings") or (hf.get("text_config") or {}).get("tie_word_embeddings"))
+        cfg.preprocessor = read_preprocessor(src, cfg)
+        with torch.device("meta"):
+            Llava(cfg)
+    except (TypeError, AttributeError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise MinidamroError(f"{src}: malformed configuration ({type(e).__name__}: {e})") from None
     sp_path = os.path.join(src, "tokenizer.model")
     if not os.path.exists(sp_path):
         raise MinidamroError(f"{src} has no tokenizer.model: a sentencepiece tokenizer.model is needed")
@@ -295,6 +302,19 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False) -
           f" ({dropped} unused vision weights dropped)")
 
 
+def replaceable(out: str) -> bool:
+    """--force replaces an earlier conversion or an empty directory, never anything else a user has there."""
+    if os.path.islink(out) or not os.path.isdir(out):
+        return False
+    if not os.listdir(out):
+        return True
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            return "minidamro_format" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def replace(tmp: str, out: str, force: bool):
     """Move the finished `tmp` to `out`; an existing `out` (with --force) is removed only after that."""
     if not os.path.lexists(out):
@@ -302,6 +322,8 @@ def replace(tmp: str, out: str, force: bool):
         return
     if not force:
         raise MinidamroError(f"{out} already exists (use --force to replace it)")
+    if not replaceable(out):  # checked again: it may have changed while we converted
+        raise MinidamroError(f"{out} exists and is not a minidamro checkpoint: --force only replaces those")
     old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
     os.rename(out, old)
     try:
@@ -309,10 +331,7 @@ def replace(tmp: str, out: str, force: bool):
     except OSError:
         os.rename(old, out)  # put the old one back
         raise
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old)
-    else:
-        os.remove(old)
+    shutil.rmtree(old)
 
 
 def main(argv=None):

@@ -358,12 +358,12 @@ def test_error_while_writing_leaves_nothing(sources, tmp_path, monkeypatch, caps
 
 def test_existing_output_needs_force(sources, converted, tmp_path, capsys):
     out = str(tmp_path / "out")
-    os.makedirs(out)
-    open(os.path.join(out, "keep.txt"), "w").write("mine")
+    weights_convert.main([sources["v5"], out])
+    capsys.readouterr()
     with pytest.raises(SystemExit):
-        weights_convert.main([sources["v5"], out])
+        weights_convert.main([sources["v5"], out, "--dtype", "bfloat16"])
     assert capsys.readouterr().err.count("\n") == 1
-    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["out"]
+    assert read_config(out).torch_dtype == "float32" and os.listdir(tmp_path) == ["out"]
     weights_convert.main([sources["v5"], out, "--force", "--dtype", "bfloat16"])
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
     assert os.listdir(tmp_path) == ["out"] and read_config(out).torch_dtype == "bfloat16"
@@ -372,6 +372,51 @@ def test_existing_output_needs_force(sources, converted, tmp_path, capsys):
         weights_convert.convert(sources["v5"], sources["v5"], force=True)
     with pytest.raises(MinidamroError, match="unknown dtype"):
         weights_convert.convert(sources["v5"], str(tmp_path / "x"), dtype="float64")
+
+
+@pytest.mark.parametrize("kind", ["directory", "file", "link"])
+def test_force_never_replaces_what_is_not_a_checkpoint(sources, tmp_path, capsys, kind):
+    """--force replaces an earlier conversion, never a user's other files (a parent folder, an image...)."""
+    out = tmp_path / "out"
+    if kind == "directory":
+        out.mkdir()
+        (out / "other_model").mkdir()
+        (out / "other_model" / "w.bin").write_text("mine")
+    elif kind == "file":
+        out.write_text("mine")
+    else:
+        (tmp_path / "target").mkdir()
+        out.symlink_to(tmp_path / "target")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit):
+        weights_convert.main([sources["v5"], str(out), "--force"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a minidamro checkpoint" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_force_replaces_an_empty_directory(sources, tmp_path):
+    (tmp_path / "out").mkdir()
+    weights_convert.main([sources["v5"], str(tmp_path / "out"), "--force"])
+    assert read_config(str(tmp_path / "out")).torch_dtype == "float32"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c.update(text_config="x"),
+    lambda c: c["text_config"].update(hidden_size="64"),
+    lambda c: c.update(image_token_index="400"),
+    lambda c: c["vision_config"].update(patch_size=0),
+])
+def test_malformed_config_is_one_line(sources, tmp_path, capsys, edit):
+    src = tmp_path / "src"
+    shutil.copytree(sources["v5"], src)
+    cfg = json.load(open(src / "config.json"))
+    edit(cfg)
+    json.dump(cfg, open(src / "config.json", "w"))
+    with pytest.raises(SystemExit):
+        weights_convert.main([str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and not (tmp_path / "out").exists()
 
 
 # --- load_model is strict on a tampered converted directory -----------------------------------------------
