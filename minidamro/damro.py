@@ -33,8 +33,8 @@ class DamroConfig:
             raise MinidamroError(f"--topk must be between 1 and the {num_patches} image patches, got {self.topk}")
         if not 0 < self.beta <= 1:
             raise MinidamroError(f"--beta must be in (0, 1], got {self.beta}")
-        if self.alpha < 0:
-            raise MinidamroError(f"--alpha must be >= 0, got {self.alpha}")
+        if not 0 <= self.alpha < float("inf"):
+            raise MinidamroError(f"--alpha must be a finite number >= 0, got {self.alpha}")
         if self.outlier_attention not in OUTLIER_ATTENTION:
             raise MinidamroError(f"--outlier-attention must be one of {OUTLIER_ATTENTION}")
 

@@ -4,10 +4,12 @@
     python -m minidamro.generate photo.jpg --method damro --alpha 2 --beta 0.1 --topk 10
     python -m minidamro.generate photo.jpg --compare          # plain, then DAMRO, same seed
 
-Text is streamed as it is generated. Any problem with the input is one `error:` line on stderr and exit 2.
+Text is streamed as it is generated. Any problem with the input is one `error:` line on stderr and a
+non-zero exit (2 for a malformed command line, 1 otherwise).
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -71,10 +73,14 @@ def check_options(a):
         raise MinidamroError(NO_MODEL)
     if a.max_new_tokens < 1:
         raise MinidamroError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
-    if a.temperature < 0:
-        raise MinidamroError(f"--temperature must be >= 0, got {a.temperature}")
+    if not (a.temperature == 0 or 1e-6 <= a.temperature < math.inf):
+        raise MinidamroError(f"--temperature must be 0 (greedy) or a finite number >= 1e-6, got {a.temperature}")
     if not 0 < a.top_p <= 1:
         raise MinidamroError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.seed is not None and not 0 <= a.seed < 2**63:
+        raise MinidamroError(f"--seed must be in [0, 2**63), got {a.seed}")
+    if "<image>" in a.prompt or "<image>" in (a.system or ""):
+        raise MinidamroError("the prompt must not contain <image>: the template puts the one image in place")
     try:
         device = torch.device(a.device)
     except RuntimeError:
@@ -93,8 +99,10 @@ def stream(tokens, tok: Tokenizer, out) -> list[int]:
     ids, shown = [], ""
     for t in tokens:
         ids.append(t)
+        if tok.is_byte(t):  # a byte run may still turn out invalid (and become U+FFFDs): wait for its end
+            continue
         text = tok.decode(ids)
-        if not text.endswith("\ufffd") and text.startswith(shown):
+        if text.startswith(shown):
             out.write(text[len(shown):])
             out.flush()
             shown = text
@@ -106,10 +114,11 @@ def stream(tokens, tok: Tokenizer, out) -> list[int]:
 def run(a, out=None) -> dict:
     out = out or sys.stdout
     check_options(a)
+    image = load_image(a.image)  # before the model: a bad path should not wait for gigabytes to load
     model = load_model(a.model, a.device, a.dtype)
     cfg = model.cfg
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
-    pixels = preprocess(load_image(a.image), cfg.preprocessor, pad_to_square=a.pad_square)
+    pixels = preprocess(image, cfg.preprocessor, pad_to_square=a.pad_square)
     system = system_text(a)
     ids = torch.tensor(prompt_ids(tok, build_prompt(a.prompt, system), cfg.image_token_index, cfg.num_image_tokens),
                        device=a.device)
@@ -157,10 +166,13 @@ def fail(message: str, code: int = 1):
 
 def guarded(work, *args):
     """Run a command's work, turning user errors (and out-of-memory and the like) into one line."""
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?" , not a crash
     try:
         return work(*args)
     except MinidamroError as e:
         fail(str(e))
+    except MemoryError:
+        fail("out of memory")
     except (RuntimeError, OSError) as e:
         fail(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     except KeyboardInterrupt:

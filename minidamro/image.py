@@ -77,7 +77,10 @@ def center_crop(x, crop_h: int, crop_w: int):
 def preprocess(image: Image.Image, cfg: dict = LLAVA_PREPROCESSOR, pad_to_square: bool = False) -> torch.Tensor:
     """A PIL image of any mode and size -> float32 pixels (1, 3, crop_h, crop_w)."""
     if cfg.get("do_convert_rgb", True):
-        image = to_rgb(image)
+        try:
+            image = to_rgb(image)
+        except ValueError as e:  # a mode Pillow cannot convert
+            raise MinidamroError(f"cannot convert a {image.mode} image to RGB: {e}") from None
     if pad_to_square:
         image = expand_to_square(image, cfg["image_mean"])
     if cfg.get("do_resize", True):

@@ -102,12 +102,15 @@ def read_config(model_dir: str) -> LlavaConfig:
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise MinidamroError(f"cannot read {path}: {e}") from None
-    if d.get("minidamro_format") != FORMAT_VERSION:
+    if not isinstance(d, dict) or d.get("minidamro_format") != FORMAT_VERSION:
         raise MinidamroError(f"{model_dir} is not a minidamro checkpoint (convert it with weights_convert.py)")
     try:
-        return LlavaConfig.from_dict(d)
+        cfg = LlavaConfig.from_dict(d)
     except (KeyError, TypeError) as e:
         raise MinidamroError(f"{path} is incomplete: {e}") from None
+    if cfg.torch_dtype not in DTYPES or not isinstance(cfg.preprocessor, dict) or "image_mean" not in cfg.preprocessor:
+        raise MinidamroError(f"{path} is malformed: torch_dtype or preprocessor settings (convert the model again)")
+    return cfg
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -150,7 +153,10 @@ def check_state_dict(expected: dict, got: dict, where: str):
     unexpected = sorted(set(got) - set(expected))
     shapes = sorted(f"{k} {tuple(got[k].shape)} != {tuple(expected[k].shape)}"
                     for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape))
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in
+
+    def listed(keys, most=10):  # a wrong config can mis-shape hundreds of keys: keep the line readable
+        return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+    problems = [f"{label}: {listed(keys)}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
     if problems:
         raise MinidamroError(f"{where}: " + "; ".join(problems))

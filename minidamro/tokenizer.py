@@ -53,6 +53,10 @@ class Tokenizer:
             offset += len(chunk)
         return ids
 
+    def is_byte(self, i: int) -> bool:
+        """A byte-fallback piece ("<0xAB>"): part of a character sentencepiece has no piece for."""
+        return 0 <= i < self.sp.get_piece_size() and self.sp.is_byte(i)
+
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` as transformers decodes it (skip_special_tokens=True). Special and control tokens
         and ids without a piece are skipped (llava-hf pads its vocabulary to 32064 rows, so a model can emit

@@ -91,9 +91,17 @@ def test_model_from_environment(capsys, checkpoints, image, monkeypatch):
     (["--topk", "17", "--method", "damro"], "--topk must be between 1 and the 16 image patches"),
     (["--beta", "0", "--method", "damro"], "--beta must be in (0, 1]"),
     (["--beta", "1.5", "--compare"], "--beta must be in (0, 1]"),
-    (["--alpha", "-1", "--method", "damro"], "--alpha must be >= 0"),
+    (["--alpha", "-1", "--method", "damro"], "--alpha must be a finite number >= 0"),
+    (["--alpha", "nan", "--method", "damro"], "--alpha must be a finite number >= 0"),
+    (["--alpha", "inf", "--compare"], "--alpha must be a finite number >= 0"),
+    (["--beta", "nan", "--method", "damro"], "--beta must be in (0, 1]"),
+    (["--temperature", "1e-40"], "--temperature must be 0 (greedy) or a finite number >= 1e-6"),
+    (["--temperature", "nan"], "--temperature must be 0 (greedy) or a finite number >= 1e-6"),
+    (["--seed", "99999999999999999999999"], "--seed must be in [0, 2**63)"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["--prompt", "Compare <image> to this"], "the prompt must not contain <image>"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["--temperature", "-0.5"], "--temperature must be 0 (greedy) or a finite number >= 1e-6"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--prompt", "word " * 600], "the model's context holds 512"),
@@ -124,3 +132,29 @@ def test_bad_inputs_give_one_line(capsys, checkpoints, image, tmp_path, monkeypa
         code, out, err = run(capsys, *argv)
         assert code != 0, argv
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_streaming_never_prints_what_the_final_text_takes_back(checkpoints):
+    """A valid byte run can turn invalid when the next byte arrives (then transformers writes one U+FFFD per
+    byte): the stream waits for a run's end, so what it printed is always the final text."""
+    import io
+    from minidamro.generate import stream
+    tok = Tokenizer(os.path.join(checkpoints["mha"], "tokenizer.model"), {})
+    byte = {b: tok.sp.piece_to_id(f"<0x{b:02X}>") for b in (0x0A, 0xC5, 0x41)}
+    word = tok.encode("The", bos=False)
+    for ids in ([*word, byte[0x0A], byte[0xC5], *word], [*word, byte[0xC5], byte[0x41]], [byte[0x0A]]):
+        out = io.StringIO()
+        stream(iter(ids), tok, out)
+        assert out.getvalue() == tok.decode(ids) + "\n", ids
+
+
+def test_stdout_that_cannot_encode_the_answer(monkeypatch):
+    """A terminal whose encoding lacks a character gets a replacement, not a UnicodeEncodeError."""
+    import io
+    import sys
+    from minidamro.generate import guarded
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    guarded(lambda: print("café 東京"))
+    sys.stdout.flush()
+    assert raw.getvalue() == b"caf? ??\n"
