@@ -69,6 +69,19 @@ def test_damro_json_carries_the_outliers(capsys, checkpoints, image):
     assert obj["token_ids"] == tokens and obj["seed"] == 7
 
 
+@pytest.mark.parametrize("flag, batched", [([], True), (["--two-forwards"], False)])
+def test_two_forwards_selects_the_unbatched_path(capsys, checkpoints, image, monkeypatch, flag, batched):
+    seen = []
+    real = damro.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["batched"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(damro, "generate", spy)
+    ok(capsys, image, "--model", checkpoints["last"], "--method", "damro", "--topk", "2", "--max-new-tokens", "4", *flag)
+    assert seen == [batched]
+
+
 def test_compare_prints_both_answers_with_one_seed(capsys, checkpoints, image):
     out, _ = ok(capsys, image, "--model", checkpoints["mha"], "--compare", "--json", "--topk", "3",
                 "--max-new-tokens", "8", "--prompt", "What is in this image?")
