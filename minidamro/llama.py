@@ -31,6 +31,19 @@ class TextConfig:
     eos_token_id: int = 2
 
 
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos, sin of shape (T, head_dim) for integer positions (T,), computed in float32 (HF's default RoPE)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions[:, None].float() * inv_freq  # (T, head_dim / 2)
+    emb = torch.cat([freqs, freqs], dim=-1)        # rotate-half layout: both halves share a frequency
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x: (H, T, hd); rotate_half(x) = cat(-x2, x1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class KVCache:
     """Keys and values of one sequence, for every layer, in buffers allocated once.
 
@@ -70,19 +83,6 @@ class LlamaRMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """cos, sin of shape (T, head_dim) for integer positions (T,), computed in float32 (HF's default RoPE)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
-    freqs = positions[:, None].float() * inv_freq  # (T, head_dim / 2)
-    emb = torch.cat([freqs, freqs], dim=-1)        # rotate-half layout: both halves share a frequency
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):  # x: (H, T, hd); rotate_half(x) = cat(-x2, x1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class LlamaAttention(nn.Module):
