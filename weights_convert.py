@@ -107,6 +107,9 @@ def build_config(hf: dict, path: str) -> LlavaConfig:
     unsupported += [f"{what} {value!r}" for what, value in [
         ("vision_feature_layer", feature_layer), ("eos_token_id", text["eos_token_id"]),
         ("image_size", vision["image_size"]), ("patch_size", vision["patch_size"])] if type(value) is not int]
+    sizes = [(k, v) for part in (vision, text) for k, v in part.items()
+             if k.endswith(("_size", "_layers", "_heads", "num_channels", "head_dim"))]
+    unsupported += [f"{k} {v!r}" for k, v in sizes if type(v) is not int or v < 1]  # widths, counts: positive
     if unsupported:
         raise MinidamroError(f"{path}: unsupported " + ", ".join(unsupported))
     cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text),
