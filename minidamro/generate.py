@@ -97,20 +97,19 @@ def check_options(a):
 
 
 def stream(tokens, tok: Tokenizer, out) -> list[int]:
-    """Print the text of the tokens as they come. Text is re-decoded from all ids so far, so pieces that
-    join (byte-fallback UTF-8, word-start spaces) print correctly; an incomplete character waits."""
-    ids, shown = [], ""
+    """Print the text of the tokens as they come. After each piece that is not a byte of a character, the
+    new ids are decoded onto what is already shown (a byte run may still turn out invalid and become
+    U+FFFDs, so it waits for its end): each id is decoded once, and the printed text is the final text."""
+    ids, shown, done = [], "", 0  # ids[:done] are printed, as `shown`
     for t in tokens:
         ids.append(t)
-        if tok.is_byte(t):  # a byte run may still turn out invalid (and become U+FFFDs): wait for its end
+        if not tok.closes_byte_run(t):
             continue
-        text = tok.decode(ids)
-        if text.startswith(shown):
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-    text = tok.decode(ids)
-    out.write(text[len(shown):] + "\n")
+        new = tok.decode(ids[done:], strip_space=not shown)
+        out.write(new)
+        out.flush()
+        shown, done = shown + new, len(ids)
+    out.write(tok.decode(ids[done:], strip_space=not shown) + "\n")
     return ids
 
 

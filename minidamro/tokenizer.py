@@ -53,18 +53,24 @@ class Tokenizer:
             offset += len(chunk)
         return ids
 
-    def is_byte(self, i: int) -> bool:
-        """A byte-fallback piece ("<0xAB>"): part of a character sentencepiece has no piece for."""
-        return 0 <= i < self.sp.get_piece_size() and self.sp.is_byte(i)
+    def skipped(self, i: int) -> bool:
+        """Ids decode() leaves out: special and control tokens, <unk>, ids without a piece."""
+        return not 0 <= i < self.sp.get_piece_size() or self.sp.is_control(i) or self.sp.is_unknown(i)
 
-    def decode(self, ids: list[int]) -> str:
+    def closes_byte_run(self, i: int) -> bool:
+        """A piece with text of its own: after it, no byte-fallback run ("<0xAB>" pieces) is still open, so
+        the text before it can no longer change."""
+        return not (self.skipped(i) or self.sp.is_byte(i))
+
+    def decode(self, ids: list[int], strip_space: bool = True) -> str:
         """Text of `ids` as transformers decodes it (skip_special_tokens=True). Special and control tokens
         and ids without a piece are skipped (llava-hf pads its vocabulary to 32064 rows, so a model can emit
         them). A run of byte-fallback pieces becomes its UTF-8 text, or one U+FFFD per byte if the run is
-        not valid UTF-8 (where sentencepiece's own decode would keep the valid bytes)."""
-        n, out, run = self.sp.get_piece_size(), [], bytearray()
+        not valid UTF-8 (where sentencepiece's own decode would keep the valid bytes). So ids split after a
+        piece that closes_byte_run decode as decode(head) + decode(tail, strip_space=not decode(head))."""
+        out, run = [], bytearray()
         for i in ids + [None]:  # None flushes the last byte run
-            if i is not None and (not 0 <= i < n or self.sp.is_control(i) or self.sp.is_unknown(i)):
+            if i is not None and self.skipped(i):
                 continue
             if i is not None and self.sp.is_byte(i):
                 run.append(int(self.sp.id_to_piece(i)[1:-1], 16))  # piece "<0xAB>"
@@ -78,7 +84,8 @@ class Tokenizer:
             if i is not None:
                 out.append(self.sp.id_to_piece(i).replace("\u2581", " "))
         text = "".join(out)
-        return text[1:] if text.startswith(" ") else text  # one leading space is the word-start marker
+        # One leading space is the word-start marker of the first word (not stripped from a continuation).
+        return text[1:] if strip_space and text.startswith(" ") else text
 
 
 def prompt_ids(tok: Tokenizer, text: str, image_token: int, num_image_tokens: int) -> list[int]:

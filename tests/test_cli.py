@@ -161,6 +161,23 @@ def test_streaming_never_prints_what_the_final_text_takes_back(checkpoints):
         assert out.getvalue() == tok.decode(ids) + "\n", ids
 
 
+def test_streamed_text_is_the_decoded_text_for_any_ids(checkpoints):
+    """Incremental decoding (each id once) prints exactly decode(all ids): over random ids that mix words,
+    byte pieces, control ids (<s>, </s>) and ids without a piece, such as a run that starts with them."""
+    import io
+    import random
+    from minidamro.generate import stream
+    tok = Tokenizer(os.path.join(checkpoints["mha"], "tokenizer.model"), {})
+    rnd = random.Random(0)
+    bytes_ = [i for i in range(tok.sp.get_piece_size()) if tok.sp.is_byte(i)]
+    for _ in range(300):
+        ids = [rnd.choice([rnd.randrange(448), rnd.choice(bytes_), rnd.choice([1, 2, 420]), rnd.randrange(3, 400)])
+               for _ in range(rnd.randrange(1, 12))]
+        out = io.StringIO()
+        stream(iter(ids), tok, out)
+        assert out.getvalue() == tok.decode(ids) + "\n", ids
+
+
 def test_stdout_that_cannot_encode_the_answer(monkeypatch):
     """A terminal whose encoding lacks a character gets a replacement, not a UnicodeEncodeError."""
     import io
