@@ -26,10 +26,10 @@ from PIL import Image
 
 from . import MinidamroError, damro, draw, generation
 from .capture import Capture
-from .generate import Parser, add_arguments, check_options, guarded, system_text
-from .image import LLAVA_PREPROCESSOR, load_image, preprocess
+from .generate import Parser, add_arguments, check_options, encode_prompt, guarded, system_text
+from .image import load_image, preprocess
 from .llava import Llava, load_model
-from .tokenizer import Tokenizer, build_prompt, prompt_ids
+from .tokenizer import Tokenizer
 
 H_MAX = 10   # H_i for i = 1..10, as the paper reports
 F_TOP = 3    # F: the decoder's image attention share on the ViT's top-3 patches
@@ -175,13 +175,8 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
     if max_new_tokens < 1:
         raise MinidamroError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     device = model.lm_head.weight.device
-    pixels = preprocess(image, cfg.preprocessor or LLAVA_PREPROCESSOR, pad_to_square=pad_square).to(device)
-    ids = torch.tensor(prompt_ids(tok, build_prompt(prompt, system), cfg.image_token_index, cfg.num_image_tokens),
-                       device=device)
-    max_new = min(max_new_tokens, cfg.text.max_position_embeddings - len(ids))
-    if max_new < 1:
-        raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "
-                             f"{cfg.text.max_position_embeddings}")
+    pixels = preprocess(image, cfg.preprocessor, pad_to_square=pad_square).to(device)
+    ids, max_new = encode_prompt(model, tok, prompt, system, max_new_tokens)
 
     # The tokens come from the reference decoders themselves, untouched by any capture (a captured layer
     # takes the eager path, which can differ from SDPA in the last bit), so they are exactly theirs.
@@ -207,7 +202,7 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
                 "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     return Analysis(model_dir, prompt, tok.decode(tokens), settings, layer, int(len(vit) ** 0.5), offset,
                     vit.tolist(), damro.select_outliers(cls_row, dcfg.topk).tolist(), records,
-                    split_words(tok, tokens), to_rgb_image(pixels, cfg.preprocessor or LLAVA_PREPROCESSOR))
+                    split_words(tok, tokens), to_rgb_image(pixels, cfg.preprocessor))
 
 
 def figures(a: Analysis) -> tuple[Image.Image, Image.Image]:

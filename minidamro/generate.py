@@ -96,6 +96,18 @@ def check_options(a):
         raise MinidamroError(f"--device must be cpu, cuda or mps, got {a.device}")
 
 
+def encode_prompt(model, tok: Tokenizer, prompt: str, system: str | None, max_new_tokens: int):
+    """The prompt's ids (L,) on the model's device, `<image>` expanded, and how many tokens to generate:
+    at most max_new_tokens, and no more than the context has room for (a prompt it cannot hold is an error)."""
+    cfg = model.cfg
+    ids = prompt_ids(tok, build_prompt(prompt, system), cfg.image_token_index, cfg.num_image_tokens)
+    room = cfg.text.max_position_embeddings - len(ids)
+    if room < 1:
+        raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "
+                             f"{cfg.text.max_position_embeddings}")
+    return torch.tensor(ids, device=model.lm_head.weight.device), min(max_new_tokens, room)
+
+
 def stream(tokens, tok: Tokenizer, out) -> list[int]:
     """Print the text of the tokens as they come. After each piece that is not a byte of a character, the
     new ids are decoded onto what is already shown (a byte run may still turn out invalid and become
@@ -122,13 +134,7 @@ def run(a, out=None) -> dict:
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
     pixels = preprocess(image, cfg.preprocessor, pad_to_square=a.pad_square)
     system = system_text(a)
-    ids = torch.tensor(prompt_ids(tok, build_prompt(a.prompt, system), cfg.image_token_index, cfg.num_image_tokens),
-                       device=a.device)
-    room = cfg.text.max_position_embeddings - len(ids)
-    if room < 1:
-        raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "
-                             f"{cfg.text.max_position_embeddings}")
-    max_new = min(a.max_new_tokens, room)  # generation stops where the context ends
+    ids, max_new = encode_prompt(model, tok, a.prompt, system, a.max_new_tokens)
     dcfg = damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention)
     if a.method == "damro" or a.compare:
         dcfg.check(cfg.vision.num_patches)
