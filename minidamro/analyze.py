@@ -89,7 +89,7 @@ def kind(tok: Tokenizer, i: int) -> str:
     (punctuation, a symbol, a newline or other whitespace, or a special token such as </s>: a word by
     itself) or "cont" (a sub-word piece, or a byte of a byte-fallback character, continuing the word)."""
     sp = tok.sp
-    if not 0 <= i < sp.get_piece_size() or sp.is_control(i) or sp.is_unknown(i):
+    if tok.skipped(i):
         return "alone"
     piece = sp.id_to_piece(i)
     if sp.is_byte(i):  # "<0x0A>": ASCII bytes are characters; the others are parts of one
