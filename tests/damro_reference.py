@@ -47,6 +47,10 @@ def _cache_len(cache) -> int:
     return int(cache.get_seq_length())
 
 
+def _at_least_float32(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
 class DamroReference:
     def __init__(self, hf_dir: str | None = None, model=None):
         self.model = model if model is not None else tiny.hf_model(hf_dir)
@@ -86,7 +90,7 @@ class DamroReference:
         if per_head:
             out = self.model.model.vision_tower(pixels, output_attentions=True, return_dict=True)
             att = out.attentions[self.selection_layer()]          # [1, H, 1+N, 1+N]
-            return att[0, :, 0, :].float().mean(0)[1:]
+            return att[0, :, 0, :].to(_at_least_float32(att.dtype)).mean(0)[1:]
         captured = {}
 
         def hook(name):
@@ -101,7 +105,8 @@ class DamroReference:
         finally:
             for h in handles:
                 h.remove()
-        q, k = captured["q"][0].float(), captured["k"][0].float()    # [1+N, D]
+        dtype = _at_least_float32(captured["q"].dtype)  # float64 for the tests' exact values
+        q, k = captured["q"][0].to(dtype), captured["k"][0].to(dtype)    # [1+N, D]
         assert q.shape == (1 + self.num_patches, self.width), q.shape
         scores = (q[0] @ k.T) / math.sqrt(q.shape[-1])                 # full width, no head split
         return torch.softmax(scores, dim=-1)[1:]
