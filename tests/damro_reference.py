@@ -20,7 +20,7 @@ released code:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,7 @@ class RefResult:
     tokens: list[int]            # generated ids
     full_lengths: list[int]      # full-stream cache length after prefill and after each decode step
     cd_lengths: list[int]        # contrastive-stream cache length, same points
+    logits: list = field(default_factory=list)  # (l, l_cd) the choice of each token was made from
 
 
 def _as_list(ids) -> list[int]:
@@ -184,10 +185,12 @@ class DamroReference:
         l, l_cd = out_full.logits[:, -1].float(), out_cd.logits[:, -1].float()
 
         tokens: list[int] = []
+        logits = []
         for _ in range(max_new_tokens):
             d = self.damro_scores(l, l_cd, alpha, beta)
             t = self.pick(d, temperature, top_p, g)
             tokens.append(t)
+            logits.append((l[0], l_cd[0]))
             if t == eos or len(tokens) == max_new_tokens:
                 break
             step = torch.tensor([[t]])
@@ -196,7 +199,7 @@ class DamroReference:
             full_lengths.append(_cache_len(cache_full))
             cd_lengths.append(_cache_len(cache_cd))
             l, l_cd = out_full.logits[:, -1].float(), out_cd.logits[:, -1].float()
-        return RefResult(outliers, tokens, full_lengths, cd_lengths)
+        return RefResult(outliers, tokens, full_lengths, cd_lengths, logits)
 
     @torch.no_grad()
     def generate_plain(self, ids, pixels, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,

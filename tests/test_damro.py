@@ -67,6 +67,16 @@ class Setup:
                                                      max_new_tokens=max_new_tokens, per_head=per_head)
         return self._ref_cache[key]
 
+    def logit_bound(self) -> float:
+        """The rounding bound of the reference's float32 logits (tests/tolerance.py), from its prompt forward
+        against the same in float64; the decode steps' logits have the same magnitudes and depths."""
+        if "logit_bound" not in self._ref_cache:
+            with torch.no_grad():
+                l32, l64 = (r.model(input_ids=self.ids[None], pixel_values=self.pixels).logits
+                            for r in (self.ref, self.ref64))
+            self._ref_cache["logit_bound"] = tolerance.bound(l32, l64).max().item()
+        return self._ref_cache["logit_bound"]
+
     def plain(self, temperature=0.0, top_p=1.0, seed=0, max_new_tokens=MAX_NEW):
         return list(generation.generate(self.model, self.ids, self.pixels,
                                         Sampler(temperature=temperature, top_p=top_p, seed=seed), max_new_tokens))
@@ -191,8 +201,25 @@ def test_generate_matches_reference(name, case, batched, setups):
     ref = s.reference(alpha, beta, k, temperature, top_p, seed)
     outliers, tokens = s.mini(alpha, beta, k, temperature, top_p, seed, batched=batched)
     assert outliers == ref.outliers
+    if temperature == 0:
+        assert_clear_damro_choices(ref, alpha, beta, s.logit_bound())
     assert tokens == ref.tokens
     assert 1 <= len(tokens) <= MAX_NEW and (len(tokens) == MAX_NEW or tokens[-1] == tiny_eos())
+
+
+def assert_clear_damro_choices(ref, alpha, beta, tol):
+    """Equal greedy DAMRO tokens follow from the float bound: with l, l_cd each within tol of the reference's,
+    the cutoff log(beta) + max l moves by at most tol, and d = (1 + alpha) l - alpha l_cd by (1 + 2 alpha) tol.
+    So at every step the chosen token must pass the cutoff by more than 2 tol, and every token that could pass
+    it (l >= cutoff - 2 tol) must score below the chosen one by more than 2 (1 + 2 alpha) tol."""
+    tol_d = (1 + 2 * alpha) * tol
+    for step, ((l, l_cd), t) in enumerate(zip(ref.logits, ref.tokens)):
+        l, l_cd = l.double(), l_cd.double()
+        cutoff = math.log(beta) + l.max()
+        d = (1 + alpha) * l - alpha * l_cd
+        assert l[t] >= cutoff + 2 * tol, f"step {step}: the chosen token is within rounding of the cutoff"
+        rivals = (l >= cutoff - 2 * tol) & (torch.arange(len(l)) != t)
+        assert (d[rivals] < d[t] - 2 * tol_d).all(), f"step {step}: a near-tie within rounding ({tol_d:.3g})"
 
 
 def tiny_eos():
@@ -207,6 +234,8 @@ def test_per_head_option_matches_reference(name, batched, setups):
         ref = s.reference(alpha, beta, k, temperature, top_p, seed, per_head=True)
         outliers, tokens = s.mini(alpha, beta, k, temperature, top_p, seed, batched=batched, mode="heads")
         assert outliers == ref.outliers
+        if temperature == 0:
+            assert_clear_damro_choices(ref, alpha, beta, s.logit_bound())
         assert tokens == ref.tokens
 
 
