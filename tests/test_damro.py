@@ -123,8 +123,8 @@ def test_reference_selection_layer_is_the_feature_layer(name, hf_checkpoints, se
     H = ref.cfg.vision_config.num_attention_heads
     qh, kh = q.view(-1, H, D // H).transpose(0, 1), k.view(-1, H, D // H).transpose(0, 1)
     per = torch.softmax(qh[:, 0:1] @ kh.transpose(1, 2) / math.sqrt(D // H), -1)[:, 0].mean(0)[1:]
-    tolerance.assert_close(ref.cls_attention(s.pixels, per_head=True), per, s.ref64.cls_attention(s.pixels, per_head=True),
-                           "reference [CLS] attention (per head)")
+    tolerance.assert_close(ref.cls_attention(s.pixels, per_head=True), per,
+                           s.ref64.cls_attention(s.pixels, per_head=True), "reference [CLS] attention (per head)")
 
 
 @pytest.mark.parametrize("name", ["mha", "last"])

@@ -300,7 +300,8 @@ def test_cached_decoding_equals_recomputation(case):
         seq = torch.cat([embeds, model.language_model.embed_tokens(tokens[:s])[None]], dim=1)  # (1, L + s, D)
         full = model.logits(model.language_model(seq, [KVCache(model.cfg.text, L + s)])[0, -1])
         seq64 = torch.cat([embeds64, model64.language_model.embed_tokens(tokens[:s])[None]], dim=1)
-        exact = model64.lm_head(model64.language_model(seq64, [KVCache(model.cfg.text, L + s, dtype=torch.float64)])[0, -1])
+        cache64 = KVCache(model.cfg.text, L + s, dtype=torch.float64)
+        exact = model64.lm_head(model64.language_model(seq64, [cache64])[0, -1])
         assert_close(logits, full, exact, f"cached vs recomputed logits after {s} decode steps")
     assert cache.length == L + steps
 
@@ -404,14 +405,18 @@ def set_rms_eps(m, eps):
             mod.eps = eps
 
 
+def vit(m, i):
+    return m.vision_tower.encoder.layers[i]
+
+
 MISTAKES = {
-    "a lost bias (ViT out_proj, last layer)": lambda m: m.vision_tower.encoder.layers[-1].self_attn.out_proj.bias.zero_(),
+    "a lost bias (ViT out_proj, last layer)": lambda m: vit(m, -1).self_attn.out_proj.bias.zero_(),
     "RoPE base 10000 instead of the config's": lambda m: setattr(m.cfg.text, "rope_theta", 10000.0),
     "RMSNorm eps x10": lambda m: set_rms_eps(m, m.cfg.text.rms_norm_eps * 10),
     "exact GELU in the ViT instead of quick_gelu": lambda m: [setattr(layer.mlp, "act", torch.nn.functional.gelu)
                                                             for layer in m.vision_tower.encoder.layers],
     "two LLM layers swapped": swap_llm_layers,
-    "one weight off by 2^-10 relative (ViT fc1, layer 0)": lambda m: m.vision_tower.encoder.layers[0].mlp.fc1.weight[0].mul_(1 + 2 ** -10),
+    "one weight row off by 2^-10 relative (ViT fc1, layer 0)": lambda m: vit(m, 0).mlp.fc1.weight[0].mul_(1 + 2 ** -10),
 }
 
 
