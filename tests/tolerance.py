@@ -18,11 +18,13 @@ softmax); E is what those rounding errors actually sum to, with the true K, magn
 the stage, and without the worst-case pile-up the a-priori bound assumes. Another summation order makes an
 error of the same size, so
 
-    |y_got - y_ref| <= |y_got - y*| + |y_ref - y*|  <=  C E + 2 u |y*|,   C = 4
+    |y_got - y_ref| <= |y_got - y*| + |y_ref - y*|  <=  C E + 2 u |y*|,   C = 8
 
-C = 4 lets the checked implementation's error be up to three times the reference's (two evaluations of one
-computation differ in the order of the same roundings, not in their number or size); 2 u |y*| covers the
-final rounding of each when E happens to be tiny. E is measured on every run, so the bound follows the
+C = 8 lets the checked implementation's error be up to seven times the reference's. Two evaluations of one
+computation differ in the order of the same roundings, not in their number or size, but E is the maximum of
+one sample of errors, and over a small tensor (a [CLS] row of 16 probabilities) one evaluation's maximum
+reached 2.3 times the other's under the CPU / BLAS / thread combinations of README, Tests (4 would have left
+a margin of 1.2 there, 8 leaves 2.4). 2 u |y*| covers the final rounding of each when E happens to be tiny. E is measured on every run, so the bound follows the
 machine, and a real mistake (a lost bias, another RoPE base, an eps off by a factor 10, two layers swapped)
 changes y by far more than the rounding of y: test_parity.py's test_bounds_catch_small_real_mistakes checks
 that such mistakes fail these bounds.
@@ -40,7 +42,7 @@ import re
 
 import torch
 
-C = 4  # see above: the checked error may be up to C - 1 times the reference's measured rounding error
+C = 8  # see above: the checked error may be up to C - 1 times the reference's measured rounding error
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
