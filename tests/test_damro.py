@@ -88,7 +88,9 @@ def setups(hf_checkpoints, checkpoints):
 
     def get(name):
         if name not in cache:
-            cache[name] = Setup(hf_checkpoints[name], checkpoints[name], image_seed=NAMES.index(name))
+            # Images whose [CLS] attention has no near-tie in its whole ranking (outliers for k = N compare it
+            # all; tolerance.assert_clear_ranking checks it): seeds 0-2 had one in "last", 5e-6 wide.
+            cache[name] = Setup(hf_checkpoints[name], checkpoints[name], image_seed=NAMES.index(name) + 4)
         return cache[name]
     return get
 
