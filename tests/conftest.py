@@ -10,7 +10,8 @@ import tiny  # noqa: E402
 import torch  # noqa: E402
 
 # The test models are tiny: one thread is fastest, and several threads spin badly on a busy 2-core machine.
-torch.set_num_threads(1)
+# MINIDAMRO_TEST_THREADS=n runs the suite on n threads instead (the float bounds must hold on any count).
+torch.set_num_threads(int(os.environ.get("MINIDAMRO_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
