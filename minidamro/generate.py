@@ -96,11 +96,13 @@ def check_options(a):
         raise MinidamroError(f"--device must be cpu, cuda or mps, got {a.device}")
 
 
-def encode_prompt(model, tok: Tokenizer, prompt: str, system: str | None, max_new_tokens: int):
+def encode_prompt(model, tok: Tokenizer, prompt: str, system: str | None, max_new_tokens: int, image_size=None):
     """The prompt's ids (L,) on the model's device, `<image>` expanded, and how many tokens to generate:
-    at most max_new_tokens, and no more than the context has room for (a prompt it cannot hold is an error)."""
+    at most max_new_tokens, and no more than the context has room for (a prompt it cannot hold is an error).
+    `image_size` (height, width) is the image's: LLaVA-NeXT's image-token count depends on it."""
     cfg = model.cfg
-    ids = prompt_ids(tok, build_prompt(prompt, system), cfg.image_token_index, cfg.num_image_tokens)
+    ids = prompt_ids(tok, build_prompt(prompt, system, cfg.model_type), cfg.image_token_index,
+                     cfg.image_tokens(image_size))
     room = cfg.text.max_position_embeddings - len(ids)
     if room < 1:
         raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "

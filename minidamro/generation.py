@@ -73,9 +73,11 @@ def decode_loop(model: Llava, first_logits, step, sampler: Sampler, max_new_toke
 
 
 @torch.inference_mode()
-def generate(model: Llava, ids, pixels, sampler: Sampler, max_new_tokens: int, capture: Capture | None = None):
-    """Plain decoding. ids: (L,) prompt ids with the image ids expanded; pixels (1, 3, S, S). Yields ids."""
-    features = model.encode_image(pixels.to(model.lm_head.weight.device), capture)[0]
+def generate(model: Llava, ids, pixels, sampler: Sampler, max_new_tokens: int, capture: Capture | None = None,
+             image_size=None):
+    """Plain decoding. ids: (L,) prompt ids with the image ids expanded; pixels (1, 3, S, S), or for LLaVA-NeXT
+    [base] + tiles (1 + n, 3, S, S) of an image of (height, width) `image_size`. Yields ids."""
+    features = model.image_features(pixels.to(model.lm_head.weight.device), image_size, capture)
     cache = new_cache(model, len(ids) + max_new_tokens)
     logits = prefill(model, model.embed(ids, features), cache, capture)
     yield from decode_loop(model, logits, lambda t: decode_step(model, t, [cache], capture)[0],
