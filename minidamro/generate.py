@@ -1,4 +1,4 @@
-"""python -m minidamro.generate IMAGE: answer a prompt about an image with LLaVA-1.5, plainly or with DAMRO.
+"""python -m minidamro.generate IMAGE: answer a prompt about an image with LLaVA-1.5 or -NeXT, plainly or with DAMRO.
 
     python -m minidamro.generate photo.jpg --model checkpoints/llava-1.5-7b --prompt "What is in this image?"
     python -m minidamro.generate photo.jpg --method damro --alpha 2 --beta 0.1 --topk 10
@@ -17,7 +17,8 @@ import sys
 import torch
 
 from . import MinidamroError, damro, generation
-from .image import load_image, preprocess
+from .anyres import model_pixels
+from .image import load_image
 from .llava import DTYPES, load_model
 from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt, prompt_ids
 
@@ -134,9 +135,9 @@ def run(a, out=None) -> dict:
     model = load_model(a.model, a.device, a.dtype)
     cfg = model.cfg
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
-    pixels = preprocess(image, cfg.preprocessor, pad_to_square=a.pad_square)
+    pixels, image_size = model_pixels(image, cfg, pad_to_square=a.pad_square)  # NeXT: tiles and the size
     system = system_text(a)
-    ids, max_new = encode_prompt(model, tok, a.prompt, system, a.max_new_tokens)
+    ids, max_new = encode_prompt(model, tok, a.prompt, system, a.max_new_tokens, image_size)
     dcfg = damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention)
     if a.method == "damro" or a.compare:
         dcfg.check(cfg.vision.num_patches)
@@ -148,9 +149,10 @@ def run(a, out=None) -> dict:
         sampler = generation.Sampler(a.temperature, a.top_p, seed, a.device)
         result = {"method": method}
         if method == "plain":
-            tokens = generation.generate(model, ids, pixels, sampler, max_new)
+            tokens = generation.generate(model, ids, pixels, sampler, max_new, image_size=image_size)
         else:
-            outliers, tokens = damro.generate(model, ids, pixels, dcfg, sampler, max_new, batched=not a.two_forwards)
+            outliers, tokens = damro.generate(model, ids, pixels, dcfg, sampler, max_new, batched=not a.two_forwards,
+                                              image_size=image_size)
             result |= {"alpha": a.alpha, "beta": a.beta, "topk": a.topk,
                        "outlier_attention": a.outlier_attention, "outliers": outliers}
         if a.compare:

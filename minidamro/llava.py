@@ -98,10 +98,13 @@ class Llava(nn.Module):
         """pixels -> the (n, D_text) embeddings that replace the prompt's n image ids. LLaVA-1.5: the one
         tile's features. NeXT: pixels are [base] + tiles (anyres.preprocess), packed for an image of
         (height, width) `image_size`."""
-        features = self.encode_image(pixels, capture)  # (tiles, num_image_tokens, D)
+        return self.pack_features(self.encode_image(pixels, capture), image_size)
+
+    def pack_features(self, tiles, image_size=None):
+        """Per-tile features (tiles, num_image_tokens, D) -> the prompt's image embeddings (n, D)."""
         if self.cfg.model_type == "llava":
-            return features[0]
-        return anyres.pack(features, image_size, self.image_newline, self.cfg.image_grid_pinpoints,
+            return tiles[0]
+        return anyres.pack(tiles, image_size, self.image_newline, self.cfg.image_grid_pinpoints,
                            self.cfg.vision.image_size)
 
     def embed(self, ids, features):
