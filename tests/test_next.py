@@ -199,3 +199,126 @@ def test_greedy_tokens_equal_generate(nx, size):
     pixels, image_size = anyres.model_pixels(noise_image(*size), nx.model.cfg)
     got = list(generate(nx.model, inputs.input_ids[0], pixels, Sampler(), 16, image_size=image_size))
     assert got == ref.tolist()
+
+
+# ------------------------------------------------------------------------------------------ converter
+
+
+def test_three_layouts_convert_to_the_same_model(next_hf_checkpoints, tmp_path):
+    """transformers v5 save_pretrained (the fixture), its in-memory names (`model.image_newline`, ...), and
+    the hub's v4 layout (`vision_tower.vision_model.*`): identical converted weights; the config records the
+    model kind and the pinpoints."""
+    import json
+    import os
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    import weights_convert
+    from minidamro.llava import read_config
+    src = next_hf_checkpoints["next_gqa"]
+    layouts = {"v5": src, "inmem": str(tmp_path / "inmem"), "hub": str(tmp_path / "hub")}
+    tiny.hf_model(src).save_pretrained(layouts["inmem"], save_original_format=False)
+    os.makedirs(layouts["hub"])
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in tensors.items()},
+              os.path.join(layouts["hub"], "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(src, "config.json"), layouts["hub"])
+    from safetensors import safe_open
+    assert "model.image_newline" in safe_open(os.path.join(layouts["inmem"], "model.safetensors"), "pt").keys()
+    for d in layouts.values():
+        for f in ("tokenizer.model", "tokenizer_config.json", "preprocessor_config.json"):
+            if not os.path.exists(os.path.join(d, f)):
+                shutil.copy(os.path.join(src, f), d)
+    states = {}
+    for name, d in layouts.items():
+        weights_convert.convert(d, str(tmp_path / f"out-{name}"))
+        cfg = read_config(str(tmp_path / f"out-{name}"))
+        assert cfg.model_type == "llava_next" and cfg.image_grid_pinpoints == tiny.NEXT_CONFIGS["next_gqa"]["pinpoints"]
+        states[name] = load_model(str(tmp_path / f"out-{name}")).state_dict()
+        with open(os.path.join(str(tmp_path / f"out-{name}"), "config.json")) as f:
+            assert json.load(f)["model_type"] == "llava_next"
+    for name in ("inmem", "hub"):
+        assert states[name].keys() == states["v5"].keys()
+        assert all(torch.equal(states[name][k], states["v5"][k]) for k in states["v5"]), name
+    assert torch.equal(states["v5"]["image_newline"], tensors["image_newline"])
+
+
+def edit(path, fn):
+    import json
+    with open(path) as f:
+        d = json.load(f)
+    fn(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+NEXT_ERRORS = {
+    "pinpoint-not-tiles": (lambda c, p: c.update(image_grid_pinpoints=[[28, 50]]), "unsupported image_grid_pinpoints"),
+    "pinpoints-malformed": (lambda c, p: c.update(image_grid_pinpoints=[28, 56]), "unsupported image_grid_pinpoints"),
+    "cls-kept": (lambda c, p: c.update(vision_feature_select_strategy="full"),
+                 "vision_feature_select_strategy 'full' for llava_next"),
+    "mistral": (lambda c, p: c["text_config"].update(model_type="mistral"), "text_config model_type 'mistral'"),
+    "processor-pinpoints": (lambda c, p: p.update(image_grid_pinpoints=[[28, 56]]), "differ from config.json's"),
+}
+
+
+@pytest.mark.parametrize("case", list(NEXT_ERRORS))
+def test_next_refusals_are_one_line(case, next_hf_checkpoints, tmp_path, capsys):
+    import os
+    import shutil
+
+    import weights_convert
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    shutil.copytree(next_hf_checkpoints["next_mha"], src)
+    pre = {}  # what to change in preprocessor_config.json
+    fn, message = NEXT_ERRORS[case]
+    edit(os.path.join(src, "config.json"), lambda c: fn(c, pre))
+    if pre:
+        edit(os.path.join(src, "preprocessor_config.json"), lambda p: p.update(pre))
+    with pytest.raises(SystemExit) as e:
+        weights_convert.main([src, out])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_generate_and_analyze_commands_run_next_unchanged(nx, next_checkpoints, tmp_path, capsys):
+    """The user's side is unchanged: an image file and a converted NeXT directory; the tokens are transformers'."""
+    import json
+    import os
+
+    from minidamro import analyze as analyze_cmd
+    from minidamro.generate import main
+    path = str(tmp_path / "wide.png")
+    noise_image(90, 25).save(path)
+    main([path, "--model", next_checkpoints[nx.name], "--prompt", "What is shown in this picture?", "--json",
+          "--max-new-tokens", "10", "--seed", "1"])
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    inputs = nx.inputs((90, 25))
+    with torch.no_grad():
+        ref = nx.hf.generate(**inputs, do_sample=False, max_new_tokens=10)[0, inputs.input_ids.shape[1]:]
+    assert got["token_ids"] == ref.tolist()
+
+    main([path, "--model", next_checkpoints[nx.name], "--method", "damro", "--topk", "3", "--json",
+          "--max-new-tokens", "4"])
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outliers"]) == 3
+
+    out = str(tmp_path / "analysis")
+    analyze_cmd.main([path, "--model", next_checkpoints[nx.name], "--max-new-tokens", "3", "--topk", "3",
+                      "--out", out])
+    capsys.readouterr()
+    with open(os.path.join(out, "analysis.json")) as f:
+        a = json.load(f)
+    grid = nx.model.cfg.vision.image_size // nx.model.cfg.vision.patch_size
+    assert a["grid"] == grid and len(a["vit_attention"]) == grid ** 2 and len(a["outliers"]) == 3
+    assert len(a["tile_outliers"]) == inputs.pixel_values.shape[1] - 1  # one per grid tile, base excluded
+    n = int((inputs.input_ids[0] == tiny.IMAGE_TOKEN).sum())
+    assert all(len(t["attention"]) == n for t in a["tokens"])
+
+    with pytest.raises(SystemExit):
+        main([path, "--model", next_checkpoints[nx.name], "--pad-square"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pad-square" in err and err.count("\n") == 1
