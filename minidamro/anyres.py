@@ -17,6 +17,7 @@ import math
 import torch
 from PIL import Image
 
+from . import MinidamroError
 from .image import clip_pixels, convert_rgb, preprocess as preprocess_single
 
 Size = tuple[int, int]  # (height, width), as transformers writes sizes
@@ -84,7 +85,6 @@ def model_pixels(image: Image.Image, cfg, pad_to_square: bool = False) -> tuple[
     `cfg` is the model's LlavaConfig."""
     if cfg.model_type == "llava_next":
         if pad_to_square:
-            from . import MinidamroError
             raise MinidamroError("--pad-square is LLaVA-1.5's; LLaVA-NeXT keeps the aspect ratio itself (anyres)")
         return preprocess(image, cfg.preprocessor, cfg.image_grid_pinpoints)
     return preprocess_single(image, cfg.preprocessor, pad_to_square), None

@@ -23,9 +23,10 @@ from minidamro.tokenizer import build_prompt
 
 NAMES = list(tiny.NEXT_CONFIGS)
 PROMPT = build_prompt("What is shown in this picture?", model_type="llava_next")
-# (width, height): very wide, very tall, smaller than a tile, one pixel, exact pinpoints (1x2, 2x1, 3x1 of the
+# (width, height): very wide, very tall, one pixel thin (the unpadded grid keeps no row / column: only the
+# newlines are left), smaller than a tile, one pixel, exact pinpoints (1x2, 2x1, 3x1 of the
 # 28 px tile; 2x2 of the 30 px one), square, near-square, large.
-SIZES = [(200, 20), (20, 200), (10, 7), (1, 1), (56, 28), (28, 56), (28, 84), (60, 60), (45, 45), (53, 71),
+SIZES = [(200, 20), (20, 200), (3000, 1), (1, 3000), (10, 7), (1, 1), (56, 28), (28, 56), (28, 84), (60, 60), (45, 45), (53, 71),
          (301, 299), (640, 480)]
 U = 2.0 ** -24  # float32 unit roundoff
 
@@ -66,7 +67,7 @@ class Next:
     def __init__(self, name, hf_dir, model_dir, hf_tok):
         self.name = name
         self.hf = tiny.hf_model(hf_dir, attn_implementation="sdpa")  # minidamro's fast path is SDPA too
-        self.model = load_model(model_dir)
+        self.model, self.model_dir = load_model(model_dir), model_dir
         c = tiny.NEXT_CONFIGS[name]
         self.processor = LlavaNextProcessor(
             image_processor=LlavaNextImageProcessorPil(**tiny.preprocessor_config(name)), tokenizer=hf_tok,
