@@ -1,5 +1,8 @@
 """DAMRO (Gong et al., EMNLP 2024, arXiv 2410.04514): outlier-token selection and contrastive decoding.
 
+This module is DAMRO's part of the contrastive core (contrastive.py): `prepare` builds the two streams'
+image features (steps 1-2), `rule` is Eq. 5-6 (step 3); the core prefills and decodes the streams.
+
 1. The ViT's [CLS] attention at the layer LLaVA takes its features from picks the top-k "outlier"
    patches (Eq. 3-4). One ViT pass serves both the image features and the selection.
 2. A second, contrastive stream sees the same prompt with only those k projected features in place of
@@ -21,7 +24,8 @@ import torch
 
 from . import MinidamroError
 from .capture import Capture
-from .generation import Sampler, decode_loop, decode_step, new_cache, prefill
+from .contrastive import Method, Prepared, generate as contrastive_generate
+from .generation import Sampler
 from .llava import Llava
 
 OUTLIER_ATTENTION = ("full", "heads")
@@ -82,11 +86,9 @@ def damro_scores(l, l_cd, alpha: float, beta: float):
     return d.masked_fill(l < cutoff, float("-inf"))
 
 
-def contrastive_ids(ids, image_token: int, k: int):
-    """The prompt with its run of image ids cut to k: positions stay contiguous over the shorter sequence."""
-    where = (ids == image_token).nonzero()[:, 0]
-    start, end = int(where[0]), int(where[-1]) + 1
-    return torch.cat([ids[:start], ids.new_full((k,), image_token), ids[end:]])
+def check(model: Llava, cfg: DamroConfig):
+    cfg.check(model.cfg.vision.num_patches)
+    selection_layer(model)
 
 
 def contrastive_features(model: Llava, tiles, outliers):
@@ -100,10 +102,11 @@ def contrastive_features(model: Llava, tiles, outliers):
 
 
 @torch.inference_mode()
-def prepare(model: Llava, pixels, cfg: DamroConfig, image_size=None):
-    """One ViT pass -> ([full stream's image embeddings, contrastive stream's], info). info["outliers"] is the
-    selection the contrastive stream uses; on NeXT info["tile_outliers"] has the grid tiles' (unused, see top)."""
-    cfg.check(model.cfg.vision.num_patches)
+def prepare(model: Llava, pixels, cfg: DamroConfig, generator=None, image_size=None) -> Prepared:
+    """Steps 1-2: one ViT pass gives the image features and the [CLS] rows; the contrastive stream sees only
+    the top-k features, in descending-attention order. Returns Prepared([features, contrastive features]) with
+    info["outliers"] the selection used, and on NeXT info["tile_outliers"] the grid tiles' (unused, see top).
+    DAMRO draws nothing at random: `generator` is unused (the core passes every method one)."""
     layer = selection_layer(model)
     want = Capture(vit_qk_layers=(layer,)) if cfg.outlier_attention == "full" else Capture(vit_layers=(layer,))
     tiles = model.encode_image(pixels.to(model.lm_head.weight.device), want)  # (tiles, num_image_tokens, D)
@@ -112,29 +115,25 @@ def prepare(model: Llava, pixels, cfg: DamroConfig, image_size=None):
     info = {"outliers": picks[0].tolist()}
     if model.cfg.model_type == "llava_next":
         info["tile_outliers"] = [p.tolist() for p in picks[1:]]
-    return [model.pack_features(tiles, image_size), contrastive_features(model, tiles, picks[0])], info
+    return Prepared([model.pack_features(tiles, image_size), contrastive_features(model, tiles, picks[0])], info)
 
 
-@torch.inference_mode()
+def rule(cfg, logits):
+    """Step 3, per token: Eq. 5-6 on the full stream's logits l = logits[0] and the contrastive l_cd = logits[1]."""
+    return damro_scores(logits[0], logits[1], cfg.alpha, cfg.beta)
+
+
+METHOD = Method("damro", DamroConfig, check, prepare, rule)
+
+
 def generate(model: Llava, ids, pixels, cfg: DamroConfig, sampler: Sampler, max_new_tokens: int,
              batched: bool = True, image_size=None):
-    """DAMRO decoding. Returns (outliers, iterator over generated ids). `image_size`: NeXT's (height, width).
+    """DAMRO decoding through the core. Returns (outliers, iterator over generated ids). `image_size`: the
+    image's (height, width), for LLaVA-NeXT.
 
     `batched` decodes both streams in one forward per token (one read of the weights); False keeps the
     two separate forwards of the released code, the reference the batched path is tested against.
     """
-    (features, cd_features), info = prepare(model, pixels, cfg, image_size)
-    cd_ids = contrastive_ids(ids, model.cfg.image_token_index, len(cd_features))
-    cache, cd_cache = new_cache(model, len(ids) + max_new_tokens), new_cache(model, len(cd_ids) + max_new_tokens)
-    l = prefill(model, model.embed(ids, features), cache)
-    l_cd = prefill(model, model.embed(cd_ids, cd_features), cd_cache)
-
-    def next_scores(token):  # append the chosen token to both streams (the caches grow in step), apply Eq. 5-6
-        if batched:
-            l, l_cd = decode_step(model, token.expand(2), [cache, cd_cache])
-        else:
-            l, l_cd = decode_step(model, token, [cache])[0], decode_step(model, token, [cd_cache])[0]
-        return damro_scores(l, l_cd, cfg.alpha, cfg.beta)
-
-    first = damro_scores(l, l_cd, cfg.alpha, cfg.beta)
-    return info["outliers"], decode_loop(model, first, next_scores, sampler, max_new_tokens)
+    info, tokens = contrastive_generate(model, ids, pixels, METHOD, cfg, sampler, max_new_tokens, batched,
+                                        image_size=image_size)
+    return info["outliers"], tokens

@@ -54,7 +54,8 @@ def test_outliers_and_tokens_equal_the_reference(setup, size, sampling):
     kw = SAMPLING[sampling]
     ref = setup.ref.generate(ids, pixels, torch.tensor([image_size]), k=setup.k, max_new_tokens=MAX_NEW, **kw)
     cfg = DamroConfig(topk=setup.k)
-    (_, cd), info = damro.prepare(setup.model, pixels, cfg, image_size)
+    prepared = damro.prepare(setup.model, pixels, cfg, image_size=image_size)
+    cd, info = prepared.features[1], prepared.info
     assert info["outliers"] == ref.outliers
     assert info["tile_outliers"] == setup.ref.last_selections[1:]  # computed as the release does, unused
     assert len(info["tile_outliers"]) == pixels.shape[0] - 1
@@ -70,10 +71,24 @@ def test_contrastive_stream_is_k_plus_one_and_uses_only_the_base_tile(setup):
     """Changing a grid tile's pixels changes the full stream's features but not the contrastive stream."""
     ids, pixels, image_size = setup.case((90, 25))
     cfg = DamroConfig(topk=setup.k)
-    (full, cd), info = damro.prepare(setup.model, pixels, cfg, image_size)
+    p = damro.prepare(setup.model, pixels, cfg, image_size=image_size)
     other = pixels.clone()
     other[1:] = torch.flip(other[1:], dims=[-1])
-    (full2, cd2), info2 = damro.prepare(setup.model, other, cfg, image_size)
+    p2 = damro.prepare(setup.model, other, cfg, image_size=image_size)
+    (full, cd), (full2, cd2), info, info2 = p.features, p2.features, p.info, p2.info
     assert torch.equal(cd, cd2) and info["outliers"] == info2["outliers"]
     assert not torch.equal(full, full2)
     assert full.shape[0] == setup.model.cfg.image_tokens(image_size)
+
+
+def test_vcd_runs_on_next(setup):
+    """VCD on NeXT (minidamro's choice: every tile noised by one draw, both streams packed alike): the full
+    stream is plain NeXT's, the noised one has the same length, and a seed fixes the tokens."""
+    from minidamro import contrastive, vcd
+    ids, pixels, image_size = setup.case((25, 90))
+    p = vcd.prepare(setup.model, pixels, vcd.VcdConfig(), torch.Generator().manual_seed(0), image_size=image_size)
+    assert torch.equal(p.features[0], setup.model.image_features(pixels, image_size))
+    assert p.features[1].shape == p.features[0].shape and not torch.equal(p.features[1], p.features[0])
+    runs = [list(contrastive.generate(setup.model, ids, pixels, vcd.METHOD, None, Sampler(1.0, seed=4), MAX_NEW,
+                                      image_size=image_size)[1]) for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) >= 1
