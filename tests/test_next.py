@@ -6,19 +6,27 @@ square, near-square. Pixels and image-token counts must be equal; the packing st
 and must be bit-equal; projected features and logits must be within a bound derived from float32 rounding;
 greedy tokens must equal transformers' generate().
 """
+import json
+import os
 import random
+import shutil
 
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 import tiny
+import weights_convert
 from minidamro import MinidamroError, anyres
-from minidamro.generation import Sampler, generate
-from minidamro.llava import load_model
+from minidamro import analyze as analyze_cmd
+from minidamro.generate import main
+from minidamro.generation import Sampler, generate, new_cache
+from minidamro.llava import load_model, read_config
 from minidamro.tokenizer import build_prompt
 
 NAMES = list(tiny.NEXT_CONFIGS)
@@ -185,7 +193,6 @@ def test_features_and_logits_within_float32_bounds(nx, size):
     with torch.no_grad():
         out = hf(**inputs, output_hidden_states=True)
         hf_h = out.hidden_states[-1][0]  # after the final norm
-        from minidamro.generation import new_cache
         h = m.language_model(m.embed(ids, mine_out[0]), [new_cache(m, len(ids))])[0]
         logits = m.logits(h)
     torch.testing.assert_close(h, hf_h, rtol=1e-5, atol=1e-6)  # test_parity.py's TOL
@@ -209,13 +216,6 @@ def test_three_layouts_convert_to_the_same_model(next_hf_checkpoints, tmp_path):
     """transformers v5 save_pretrained (the fixture), its in-memory names (`model.image_newline`, ...), and
     the hub's v4 layout (`vision_tower.vision_model.*`): identical converted weights; the config records the
     model kind and the pinpoints."""
-    import json
-    import os
-    import shutil
-    from safetensors.torch import load_file, save_file
-
-    import weights_convert
-    from minidamro.llava import read_config
     src = next_hf_checkpoints["next_gqa"]
     layouts = {"v5": src, "inmem": str(tmp_path / "inmem"), "hub": str(tmp_path / "hub")}
     tiny.hf_model(src).save_pretrained(layouts["inmem"], save_original_format=False)
@@ -224,7 +224,6 @@ def test_three_layouts_convert_to_the_same_model(next_hf_checkpoints, tmp_path):
     save_file({k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in tensors.items()},
               os.path.join(layouts["hub"], "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(os.path.join(src, "config.json"), layouts["hub"])
-    from safetensors import safe_open
     assert "model.image_newline" in safe_open(os.path.join(layouts["inmem"], "model.safetensors"), "pt").keys()
     for d in layouts.values():
         for f in ("tokenizer.model", "tokenizer_config.json", "preprocessor_config.json"):
@@ -245,7 +244,6 @@ def test_three_layouts_convert_to_the_same_model(next_hf_checkpoints, tmp_path):
 
 
 def edit(path, fn):
-    import json
     with open(path) as f:
         d = json.load(f)
     fn(d)
@@ -265,10 +263,6 @@ NEXT_ERRORS = {
 
 @pytest.mark.parametrize("case", list(NEXT_ERRORS))
 def test_next_refusals_are_one_line(case, next_hf_checkpoints, tmp_path, capsys):
-    import os
-    import shutil
-
-    import weights_convert
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     shutil.copytree(next_hf_checkpoints["next_mha"], src)
     pre = {}  # what to change in preprocessor_config.json
@@ -288,11 +282,6 @@ def test_next_refusals_are_one_line(case, next_hf_checkpoints, tmp_path, capsys)
 
 def test_generate_and_analyze_commands_run_next_unchanged(nx, next_checkpoints, tmp_path, capsys):
     """The user's side is unchanged: an image file and a converted NeXT directory; the tokens are transformers'."""
-    import json
-    import os
-
-    from minidamro import analyze as analyze_cmd
-    from minidamro.generate import main
     path = str(tmp_path / "wide.png")
     noise_image(90, 25).save(path)
     main([path, "--model", next_checkpoints[nx.name], "--prompt", "What is shown in this picture?", "--json",
