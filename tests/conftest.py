@@ -37,3 +37,23 @@ def checkpoints(tmp_path_factory, hf_checkpoints):
         out[name] = str(root / name)
         weights_convert.convert(src, out[name])
     return out
+
+
+@pytest.fixture(scope="session")
+def next_hf_checkpoints(tmp_path_factory, tokenizer_model):
+    """name -> directory of a tiny random llava-hf style LLaVA-NeXT checkpoint."""
+    root = tmp_path_factory.mktemp("hf_next")
+    return {name: tiny.build_hf_checkpoint(name, str(root / name), tokenizer_model, seed=10 + i)
+            for i, name in enumerate(tiny.NEXT_CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def next_checkpoints(tmp_path_factory, next_hf_checkpoints):
+    """name -> the same NeXT checkpoint converted by weights_convert.py (float32)."""
+    import weights_convert
+    root = tmp_path_factory.mktemp("converted_next")
+    out = {}
+    for name, src in next_hf_checkpoints.items():
+        out[name] = str(root / name)
+        weights_convert.convert(src, out[name])
+    return out

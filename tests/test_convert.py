@@ -296,8 +296,14 @@ ERRORS = {  # case -> (how to break a copy of the v5 (or v5-sharded) checkpoint,
     "no-src": (lambda s: shutil.rmtree(s), "does not exist"),
     "no-config": (lambda s: os.remove(os.path.join(s, "config.json")), "config.json"),
     "bad-json": (lambda s: open(os.path.join(s, "config.json"), "w").write("{"), "cannot read"),
+    "mistral": (lambda s: edit_json(os.path.join(s, "config.json"), lambda c: c.update(model_type="mistral")),
+                "model_type 'mistral' is not supported"),
+    # a LLaVA-1.5 checkpoint declared NeXT: the default pinpoints (336 px) do not tile 30 px, [CLS] is kept
     "llava-next": (lambda s: edit_json(os.path.join(s, "config.json"), lambda c: c.update(model_type="llava_next")),
-                   "'llava_next'"),
+                   "unsupported image_grid_pinpoints [[336, 672]"),
+    "next-no-newline": (lambda s: edit_json(os.path.join(s, "config.json"), lambda c: c.update(
+        model_type="llava_next", image_grid_pinpoints=[[30, 60]], vision_feature_select_strategy="default")),
+        "missing: image_newline"),
     "feature-layers": (lambda s: edit_json(os.path.join(s, "config.json"),
                                            lambda c: c.update(vision_feature_layer=[-2, -5])), "vision_feature_layer"),
     "rope-scaling": (lambda s: edit_json(os.path.join(s, "config.json"), lambda c: c["text_config"].update(
