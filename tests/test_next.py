@@ -21,6 +21,7 @@ from transformers.image_processing_utils import select_best_resolution as hf_sel
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 import tiny
+import tolerance
 import weights_convert
 from minidamro import MinidamroError, anyres
 from minidamro import analyze as analyze_cmd
@@ -75,6 +76,8 @@ class Next:
     def __init__(self, name, hf_dir, model_dir, hf_tok):
         self.name = name
         self.hf = tiny.hf_model(hf_dir, attn_implementation="sdpa")  # minidamro's fast path is SDPA too
+        # the same model in float64: the exact values tests/tolerance.py measures the rounding error against
+        self.hf64 = tiny.hf_model(hf_dir, dtype=torch.float64, attn_implementation="sdpa")
         self.model, self.model_dir = load_model(model_dir), model_dir
         c = tiny.NEXT_CONFIGS[name]
         self.processor = LlavaNextProcessor(
@@ -166,8 +169,8 @@ def test_packing_is_transformers_bit_for_bit(nx, size):
 def test_features_and_logits_within_float32_bounds(nx, size):
     """Projected features: the projector's last linear within linear_bound of transformers' (its input, the
     GELU output, taken from both); packed features: those, moved bit for bit; logits: lm_head within
-    linear_bound given both final hidden states; and the inputs of both linears within the parity tolerance
-    test_parity.py holds the shared ViT / LLaMA code to."""
+    linear_bound given both final hidden states; and the inputs of both linears within tests/tolerance.py's
+    rounding bound, measured against transformers in float64, as test_parity.py holds the shared code."""
     inputs = nx.inputs(size)
     pixels, image_size = inputs.pixel_values[0], tuple(inputs.image_sizes[0].tolist())
     ids = inputs.input_ids[0]
@@ -182,7 +185,9 @@ def test_features_and_logits_within_float32_bounds(nx, size):
         hf_tiles = hf.model.multi_modal_projector(  # transformers' per-tile projected features, unpacked
             hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states[m.cfg.vision_feature_layer][:, 1:])
         mine_tiles = m.encode_image(pixels)
-    torch.testing.assert_close(mine_in[0], hf_in[0], rtol=1e-5, atol=1e-6)  # test_parity.py's TOL
+        exact_in = inputs_of(nx.hf64.model.multi_modal_projector.linear_2, lambda: nx.hf64.model.get_image_features(
+            inputs.pixel_values.double(), inputs.image_sizes))
+    tolerance.assert_close(mine_in[0], hf_in[0], exact_in[0], "NeXT projector linear_2 input")
     assert ((mine_tiles - hf_tiles).abs() <= linear_bound(m.multi_modal_projector.linear_2, mine_in[0], hf_in[0])).all()
     assert torch.equal(mine_out[0], anyres.pack(mine_tiles, image_size, m.image_newline, m.cfg.image_grid_pinpoints,
                                                 m.cfg.vision.image_size))
@@ -195,7 +200,9 @@ def test_features_and_logits_within_float32_bounds(nx, size):
         hf_h = out.hidden_states[-1][0]  # after the final norm
         h = m.language_model(m.embed(ids, mine_out[0]), [new_cache(m, len(ids))])[0]
         logits = m.logits(h)
-    torch.testing.assert_close(h, hf_h, rtol=1e-5, atol=1e-6)  # test_parity.py's TOL
+        exact_h = nx.hf64(**{**inputs, "pixel_values": inputs.pixel_values.double()},
+                          output_hidden_states=True).hidden_states[-1][0]
+    tolerance.assert_close(h, hf_h, exact_h, "NeXT final hidden state")
     assert ((logits - out.logits[0]).abs() <= linear_bound(m.lm_head, h, hf_h)).all()
 
 
