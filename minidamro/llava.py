@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import MinidamroError
+from . import MinidamroError, fastlinear
 from .capture import Capture
 from .llama import LlamaModel, TextConfig
 from .vision import CLIPVisionTower, VisionConfig, hidden_state_index
@@ -67,7 +67,7 @@ class Llava(nn.Module):
         self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_feature_layer)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
         self.language_model = LlamaModel(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = fastlinear.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     def encode_image(self, pixels, capture: Capture | None = None, hidden_states: list | None = None):
         """pixels (B, 3, S, S) -> projected image features (B, num_image_tokens, D_text)."""
@@ -165,6 +165,7 @@ def check_state_dict(expected: dict, got: dict, where: str):
 def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
     """Build the model on the meta device and assign the memory-mapped weights: no second copy on the CPU
     when the stored dtype is the one asked for (otherwise each tensor is converted once)."""
+    fastlinear.forced()  # a wrong MINIDAMRO_LINEAR is an error now, not at the first token
     cfg = read_config(model_dir)
     dtype = DTYPES[dtype or cfg.torch_dtype]
     with torch.device("meta"):

@@ -1,0 +1,118 @@
+"""y = x W^T (+ b) for the few rows of a decode step, in whichever exact formulation is fastest on this machine.
+
+Decoding a token reads every weight once, so its speed is the speed at which the matrix-vector kernel reads
+W, and that depends on the CPU, the BLAS build, the dtype, the shape and the number of rows. Measured on a
+2-core AMD Zen 5 with MKL (torch 2.13): in float32, `F.linear` reads W at ~20 GB/s with one row and ~11 GB/s
+with two, while `W @ x^T` with two rows reads at 30-37 GB/s, so even one row is faster padded to two; in
+bfloat16 it is the other way round (`F.linear` ~29 GB/s with two rows, `W @ x^T` ~19) and `torch.mv` wins
+on some shapes only. On Intel with AMX the order differs again. So nothing is hard-coded: the first call
+for a (device, dtype, N, K, rows) times each formulation on a pool of weights of that shape larger than the
+caches, keeps the fastest for the rest of the process (tens of milliseconds once per shape), and
+`MINIDAMRO_LINEAR=<name>` forces one for reproduction. All compute the same sums; they may round differently
+(the order of the K products differs), within the usual float bound of a K-term dot product.
+
+Only CPU inputs of at most MAX_ROWS rows (decode steps) are tuned or forced; prefill (many rows, a GEMM that
+BLAS does well) and other devices always use `F.linear`.
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import MinidamroError
+
+ENV = "MINIDAMRO_LINEAR"
+MAX_ROWS = 2          # decode: 1 row plain, 2 rows DAMRO / VCD (both streams in one read of the weights)
+POOL_BYTES = 64 << 20  # weights cycled while timing: twice a 32 MB L3, so the timing reads memory, not cache
+MAX_COPIES = 64       # tiny shapes: their timing is call overhead anyway, keep it short
+
+
+def _linear(x, w, b):
+    return F.linear(x, w, b)
+
+
+def _matmul(x, w, b):  # W @ x^T: BLAS sees W untransposed, a different kernel than F.linear's x @ W^T
+    y = (w @ x.T).T
+    return y if b is None else y + b
+
+
+def _mv(x, w, b):  # one row only
+    y = torch.mv(w, x[0])[None]
+    return y if b is None else y + b
+
+
+def _pad2(x, w, b):  # one row only: repeated to two rows so that the two-row W @ x^T kernel serves it
+    y = (w @ x.expand(2, -1).contiguous().T)[:, 0][None]
+    return y if b is None else y + b
+
+
+FORMS = {"linear": _linear, "matmul": _matmul, "mv": _mv, "pad2": _pad2}
+ONE_ROW = ("mv", "pad2")  # forced with more rows, these fall back to "linear"
+_chosen: dict = {}        # (device, dtype, N, K, rows, bias) -> name: the process-wide cache of measurements
+
+
+def candidates(rows: int) -> list[str]:
+    return [name for name in FORMS if rows == 1 or name not in ONE_ROW]
+
+
+def forced() -> str | None:
+    """The formulation MINIDAMRO_LINEAR forces, None for "auto" / unset; an unknown name is an error."""
+    name = os.environ.get(ENV, "auto")
+    if name == "auto":
+        return None
+    if name not in FORMS:
+        raise MinidamroError(f"{ENV}={name!r}: must be auto or one of {', '.join(FORMS)}")
+    return name
+
+
+def measure(w, rows: int, has_bias: bool, reps: int = 3) -> dict[str, float]:
+    """Seconds per call of each candidate, the best of `reps` interleaved passes over a pool of weights of
+    w's shape and dtype (w itself if it is larger than POOL_BYTES, else scratch copies that fill it)."""
+    n, k = w.shape
+    size = w.numel() * w.element_size()
+    if size >= POOL_BYTES:
+        pool = [w]
+    else:
+        copies = min(MAX_COPIES, math.ceil(POOL_BYTES / size))
+        pool = list(torch.ones(copies, n, k, dtype=w.dtype, device=w.device).unbind())  # written: real pages
+    x = torch.ones(rows, k, dtype=w.dtype, device=w.device)  # the values do not change the speed
+    b = torch.zeros(n, dtype=w.dtype, device=w.device) if has_bias else None
+    best = {}
+    for _ in range(reps):
+        for name in candidates(rows):
+            f = FORMS[name]
+            t = time.perf_counter()
+            for p in pool:
+                f(x, p, b)
+            best[name] = min(best.get(name, math.inf), (time.perf_counter() - t) / len(pool))
+    return best
+
+
+def choose(w, rows: int, has_bias: bool) -> str:
+    key = (w.device.type, w.dtype, *w.shape, rows, has_bias)
+    if key not in _chosen:
+        t = measure(w, rows, has_bias)
+        _chosen[key] = min(t, key=t.get)
+    return _chosen[key]
+
+
+def linear(x, w, b=None):
+    """F.linear(x, w, b) for x (..., K), w (N, K), b (N,) or None -> (..., N), in the fastest formulation."""
+    rows = x.numel() // x.shape[-1]
+    if rows > MAX_ROWS or x.device.type != "cpu":
+        return F.linear(x, w, b)
+    name = forced() or choose(w, rows, b is not None)
+    if name in ONE_ROW and rows != 1:
+        name = "linear"
+    y = FORMS[name](x.reshape(rows, x.shape[-1]), w, b)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict keys) whose forward is `linear` above."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
