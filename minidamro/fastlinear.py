@@ -7,7 +7,7 @@ with two, while `W @ x^T` with two rows reads at 30-37 GB/s, so even one row is 
 bfloat16 it is the other way round (`F.linear` ~29 GB/s with two rows, `W @ x^T` ~19) and `torch.mv` wins
 on some shapes only. On Intel with AMX the order differs again. So nothing is hard-coded: the first call
 for a (device, dtype, N, K, rows) times each formulation on a pool of weights of that shape larger than the
-caches, keeps the fastest for the rest of the process (tens of milliseconds once per shape), and
+caches, keeps the fastest for the rest of the process (a few tens of milliseconds once per shape), and
 `MINIDAMRO_LINEAR=<name>` forces one for reproduction. All compute the same sums; they may round differently
 (the order of the K products differs), within the usual float bound of a K-term dot product.
 
@@ -68,18 +68,19 @@ def forced() -> str | None:
     return name
 
 
-def measure(w, rows: int, has_bias: bool, reps: int = 3) -> dict[str, float]:
-    """Seconds per call of each candidate, the best of `reps` interleaved passes over a pool of weights of
-    w's shape and dtype (w itself if it is larger than POOL_BYTES, else scratch copies that fill it)."""
+def measure(w, rows: int, has_bias: bool, reps: int = 2) -> dict[str, float]:
+    """Seconds per call of each candidate, the best of `reps` interleaved passes over POOL_BYTES of weights
+    of w's width and dtype: row blocks of w itself if it is that large (the kernels' speed per byte does not
+    depend on N once N is large), else scratch copies of w's shape. About 10 ms per candidate at 30 GB/s."""
     n, k = w.shape
     size = w.numel() * w.element_size()
     if size >= POOL_BYTES:
-        pool = [w]
+        pool = [w[:POOL_BYTES // (k * w.element_size())]]
     else:
         copies = min(MAX_COPIES, math.ceil(POOL_BYTES / size))
         pool = list(torch.ones(copies, n, k, dtype=w.dtype, device=w.device).unbind())  # written: real pages
     x = torch.ones(rows, k, dtype=w.dtype, device=w.device)  # the values do not change the speed
-    b = torch.zeros(n, dtype=w.dtype, device=w.device) if has_bias else None
+    b = torch.zeros(pool[0].shape[0], dtype=w.dtype, device=w.device) if has_bias else None
     best = {}
     for _ in range(reps):
         for name in candidates(rows):
@@ -87,7 +88,7 @@ def measure(w, rows: int, has_bias: bool, reps: int = 3) -> dict[str, float]:
             t = time.perf_counter()
             for p in pool:
                 f(x, p, b)
-            best[name] = min(best.get(name, math.inf), (time.perf_counter() - t) / len(pool))
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
     return best
 
 
