@@ -161,7 +161,8 @@ def hf_runner(workdir: str, impl: str):
     import torch
     from transformers import DynamicCache, LlavaForConditionalGeneration
     from transformers.generation.streamers import BaseStreamer
-    dtype = getattr(torch, json.load(open(os.path.join(workdir, "spec.json"))).get("dtype", "float32"))
+    with open(os.path.join(workdir, "spec.json")) as f:
+        dtype = getattr(torch, json.load(f).get("dtype", "float32"))  # the checkpoint's: bfloat16 at 7b
     model = LlavaForConditionalGeneration.from_pretrained(os.path.join(workdir, "hf"), dtype=dtype).eval()
     ids, pixels = inputs(workdir)
     pixels = pixels.to(dtype)
