@@ -240,7 +240,9 @@ def md_runner(workdir: str, impl: str):
             t.append(time.perf_counter())
             tokens.append(tok)
         return t0, t, tokens
-    return run, {"prompt_len": len(ids), "linear": os.environ.get("MINIDAMRO_LINEAR", "auto")}
+    from .fastlinear import Linear
+    packed = sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
+    return run, {"prompt_len": len(ids), "linear": os.environ.get("MINIDAMRO_LINEAR", "auto"), "packed_linears": packed}
 
 
 def bandwidth(spec: dict, pool: float, reps: int = 3) -> dict:

@@ -34,6 +34,18 @@ def test_each_formulation_is_x_wt_within_the_float32_dot_product_bound(name, bia
     assert bound.max() < 1e-3 * ref.abs().max()
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_the_packed_copy_is_x_wt_within_the_float32_dot_product_bound(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 1000, generator=g), torch.randn(300, 1000, generator=g), torch.randn(300, generator=g)
+    y = fastlinear._packed(x, fastlinear.pack(w), b)
+    ref = x.double() @ w.double().T + b.double()
+    u, m = 2.0 ** -24, 1000 + 1  # as above: gamma_{K+1} (sum |x_i w_i| + |b|)
+    bound = m * u / (1 - m * u) * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    assert y.shape == (rows, 300) and ((y.double() - ref).abs() <= bound).all()
+
+
 def test_auto_measures_once_per_shape_and_rows_and_picks_a_candidate(monkeypatch):
     monkeypatch.delenv(fastlinear.ENV, raising=False)
     monkeypatch.setattr(fastlinear, "_chosen", {})
@@ -70,13 +82,19 @@ def greedy_rows(model, streams, n):
     return [list(t) for t in zip(*out)]
 
 
-@pytest.mark.parametrize("name", ["auto"] + list(fastlinear.FORMS))
+@pytest.mark.parametrize("name", ["auto", *fastlinear.NAMES])
 def test_forced_formulations_keep_greedy_tokens_equal_to_transformers(name, monkeypatch, hf_checkpoints, checkpoints):
     from transformers import LlavaForConditionalGeneration
     monkeypatch.setenv(fastlinear.ENV, name)
     n = 16
     hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoints["gqa"], dtype=torch.float32).eval()
     model = load_model(checkpoints["gqa"])
+    linears = [m for m in model.modules() if isinstance(m, fastlinear.Linear)]
+    assert len(linears) == 7 * model.cfg.text.num_hidden_layers + 1  # every LLaMA linear and lm_head
+    if name == "packed":  # oneDNN on a packed copy, for prefill and decode alike
+        assert all(m.packed is not None for m in linears)
+    elif name != "auto":
+        assert all(m.packed is None for m in linears)
     c = model.cfg
     pixels = preprocess(random_image(3), c.preprocessor)
     image_ids = torch.tensor([1, 5, 6] + [c.image_token_index] * c.num_image_tokens + list(range(10, 30)))
