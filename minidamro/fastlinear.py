@@ -146,7 +146,7 @@ def packing_pays(w) -> bool:
         n, k = w.shape  # scratch weights only: the real ones stay untouched (memory-mapped, not resident)
         rows = min(n, POOL_BYTES // (k * w.element_size()))
         eager = min(measure(torch.ones(rows, k, dtype=w.dtype), 1, False).values())
-        copies = min(MAX_COPIES, max(1, POOL_BYTES // (rows * k * w.element_size())))
+        copies = min(MAX_COPIES, math.ceil(POOL_BYTES / (rows * k * w.element_size())))  # as measure's pool
         pool = [pack(torch.ones(rows, k, dtype=w.dtype)) for _ in range(copies)]
         x = torch.ones(1, k, dtype=w.dtype)
         packed = math.inf
