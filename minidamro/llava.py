@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import MinidamroError
-from . import anyres
+from . import MinidamroError, anyres, fastlinear
 from .capture import Capture
 from .llama import LlamaModel, TextConfig
 from .vision import CLIPVisionTower, VisionConfig, hidden_state_index
@@ -82,7 +81,7 @@ class Llava(nn.Module):
         self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_feature_layer)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
         self.language_model = LlamaModel(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = fastlinear.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.model_type == "llava_next":  # follows every row of NeXT's tile grid (anyres.pack)
             self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
 
@@ -198,12 +197,30 @@ def check_state_dict(expected: dict, got: dict, where: str):
 def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
     """Build the model on the meta device and assign the memory-mapped weights: no second copy on the CPU
     when the stored dtype is the one asked for (otherwise each tensor is converted once)."""
+    fastlinear.forced()  # a wrong MINIDAMRO_LINEAR is an error now, not at the first token
     cfg = read_config(model_dir)
     dtype = DTYPES[dtype or cfg.torch_dtype]
     with torch.device("meta"):
         model = Llava(cfg)
-    weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
-    check_state_dict(model.state_dict(), weights, f"weights in {model_dir} do not match its config")
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    path = os.path.join(model_dir, "model.safetensors")
+    mapped = read_safetensors(path)
+    check_state_dict(model.state_dict(), mapped, f"weights in {model_dir} do not match its config")
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in mapped.items()}
     model.load_state_dict(weights, strict=True, assign=True)
+    pack_linears(model, path, {k for k, v in weights.items() if v is mapped[k]})
     return model.eval().requires_grad_(False)
+
+
+def pack_linears(model: Llava, path: str, mapped: set):
+    """Give each decoder linear layer whose weight is still a view of the file a oneDNN-packed copy where
+    fastlinear finds that faster. The copy is packed from the file's bytes read into a temporary buffer (page
+    cache, not this process's memory), so the mapped original is never touched and costs no memory."""
+    for name, m in model.named_modules():
+        if isinstance(m, fastlinear.Linear) and name + ".weight" in mapped and fastlinear.packing_pays(m.weight):
+            w = m.weight
+            buf = torch.empty(w.numel() * w.element_size(), dtype=torch.uint8)
+            with open(path, "rb") as f:
+                f.seek(w.storage_offset() * w.element_size())  # the mapping starts at byte 0 of the file
+                if f.readinto(buf.numpy()) != len(buf):
+                    raise MinidamroError(f"cannot read weights {path}: {name} is cut short")
+            m.packed = fastlinear.pack(buf.view(w.dtype).view(w.shape))
