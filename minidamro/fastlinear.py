@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import MinidamroError
+from .capture import eager_attention
 
 ENV = "MINIDAMRO_LINEAR"
 MAX_ROWS = 2          # decode: 1 row plain, 2 rows DAMRO / VCD (both streams in one read of the weights)
@@ -168,3 +169,76 @@ class Linear(nn.Linear):
         if self.packed is not None:
             return _packed(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------- one-query attention (decode)
+# A decode step attends one query over the whole KV cache. torch's fused SDPA kernel is not always the fastest
+# way: on a 2-core AMD Zen 5 (torch 2.13, one thread) one 7B-shaped layer (32 heads x 128, 600 positions) took
+# ~3.4-5.5 ms in bfloat16 with SDPA against ~0.3-2 ms with transformers' eager formulation (two batched matmuls
+# and a float32 softmax), while in float32 SDPA was the faster. So, as for the linears, the first decode step
+# of a (dtype, heads, kv heads, head_dim, threads) times both on scratch tensors of MEASURE_POSITIONS
+# cached positions (tens of ms at the 7B shape, once per process), and MINIDAMRO_ATTENTION=sdpa|eager forces one.
+# "eager" is exactly transformers' eager attention (so its bits equal HF eager's), "sdpa" exactly HF's SDPA.
+ATTENTION_ENV = "MINIDAMRO_ATTENTION"
+ATTENTION_FORMS = ("sdpa", "eager")
+MEASURE_POSITIONS = 768  # a representative cache: LLaVA-1.5's 576 image tokens, a prompt and an answer
+
+
+def _attend_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _attend_eager(q, k, v):
+    # GQA: each group of H / Hkv query heads shares one k/v head; repeated as HF's repeat_kv does (a grouped
+    # matmul without the copy sums in another order: its float32 results differ from HF eager's in the last bit).
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return eager_attention(q, k, v)[0]  # the probabilities are not kept
+
+
+ATTEND = {"sdpa": _attend_sdpa, "eager": _attend_eager}
+
+
+def forced_attention() -> str | None:
+    """The formulation MINIDAMRO_ATTENTION forces, None for "auto" / unset; an unknown name is an error."""
+    name = os.environ.get(ATTENTION_ENV, "auto")
+    if name == "auto":
+        return None
+    if name not in ATTENTION_FORMS:
+        raise MinidamroError(f"{ATTENTION_ENV}={name!r}: must be auto, sdpa or eager")
+    return name
+
+
+def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions: int = MEASURE_POSITIONS,
+                      reps: int = 3) -> dict[str, float]:
+    """Seconds per call of each formulation for one query over `positions` cached keys, the best of `reps`
+    interleaved calls after one warm-up call each."""
+    q = torch.ones(1, heads, 1, head_dim, dtype=dtype)  # the values do not change the speed
+    k = torch.ones(1, kv_heads, positions, head_dim, dtype=dtype)
+    v = torch.ones(1, kv_heads, positions, head_dim, dtype=dtype)
+    for f in ATTEND.values():
+        f(q, k, v)
+    best = {}
+    for _ in range(reps):
+        for name, f in ATTEND.items():
+            t = time.perf_counter()
+            f(q, k, v)
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+    return best
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v for one new query: q (1, H, 1, d), k, v (1, Hkv, S, d) -> (1, H, 1, d), with
+    SDPA or the eager formulation, whichever is faster here (CPU only; other devices take SDPA)."""
+    name = forced_attention()
+    if name is None:
+        if q.device.type != "cpu":
+            name = "sdpa"
+        else:
+            key = ("attention", q.dtype, q.shape[1], k.shape[1], q.shape[-1], torch.get_num_threads())
+            if key not in _chosen:
+                t = measure_attention(q.dtype, q.shape[1], k.shape[1], q.shape[-1])
+                _chosen[key] = min(t, key=t.get)
+            name = _chosen[key]
+    return ATTEND[name](q, k, v)

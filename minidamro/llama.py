@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .capture import Capture, eager_attention
-from .fastlinear import Linear
+from .fastlinear import Linear, attention
 
 
 @dataclass
@@ -112,6 +112,8 @@ class LlamaAttention(nn.Module):
                 keys, values = keys.repeat_interleave(rep, 0), values.repeat_interleave(rep, 0)
                 y, probs = eager_attention(qb, keys[None], values[None], masks[b])
                 capture.llm_attn.setdefault(layer, []).append(probs[0])
+            elif T == 1:  # decode: SDPA or the eager formulation, whichever is faster on this machine
+                y = attention(qb, keys[None], values[None])
             else:
                 y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=masks[b],
                                                    enable_gqa=self.n_kv != self.n_heads)
