@@ -174,11 +174,12 @@ class Linear(nn.Linear):
 # ---------------------------------------------------------------- one-query attention (decode)
 # A decode step attends one query over the whole KV cache. torch's fused SDPA kernel is not always the fastest
 # way: on a 2-core AMD Zen 5 (torch 2.13, one thread) one 7B-shaped layer (32 heads x 128, 600 positions) took
-# ~3.4-5.5 ms in bfloat16 with SDPA against ~0.3-2 ms with transformers' eager formulation (two batched matmuls
-# and a float32 softmax), while in float32 SDPA was the faster. So, as for the linears, the first decode step
-# of a (dtype, heads, kv heads, head_dim, threads) times both on scratch tensors of MEASURE_POSITIONS
-# cached positions (tens of ms at the 7B shape, once per process), and MINIDAMRO_ATTENTION=sdpa|eager forces one.
-# "eager" is exactly transformers' eager attention (so its bits equal HF eager's), "sdpa" exactly HF's SDPA.
+# ~3.4 ms in bfloat16 with SDPA against ~0.7-1.7 ms with transformers' eager formulation (two batched matmuls
+# and a float32 softmax), while in float32 SDPA was the faster (~0.7-1.4 ms against ~1.8-2.3). So, as for the
+# linears, the first decode step of a (dtype, heads, kv heads, head_dim, threads) times both on scratch tensors
+# laid out as a cache of MEASURE_POSITIONS positions (~40 ms once at the 7B shape, a few ms at smaller ones),
+# keeps the faster for the process, and MINIDAMRO_ATTENTION=sdpa|eager forces one. "eager" computes exactly
+# transformers' eager attention (its bits equal HF eager's), "sdpa" exactly HF's SDPA call.
 ATTENTION_ENV = "MINIDAMRO_ATTENTION"
 ATTENTION_FORMS = ("sdpa", "eager")
 MEASURE_POSITIONS = 768  # a representative cache: LLaVA-1.5's 576 image tokens, a prompt and an answer
@@ -189,11 +190,13 @@ def _attend_sdpa(q, k, v):
 
 
 def _attend_eager(q, k, v):
+    # On contiguous copies of k and v, as transformers' cache holds them: a KVCache slice has its heads
+    # max_len positions apart, and torch's bfloat16 batched matmul over such strides took 1.7 ms per 7B layer for
+    # q k^T on the Zen 5 machine against 0.13 ms contiguous (float32 did not care); the copy costs less than that.
     # GQA: each group of H / Hkv query heads shares one k/v head; repeated as HF's repeat_kv does (a grouped
     # matmul without the copy sums in another order: its float32 results differ from HF eager's in the last bit).
     rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    k, v = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k.contiguous(), v.contiguous())
     return eager_attention(q, k, v)[0]  # the probabilities are not kept
 
 
@@ -211,12 +214,12 @@ def forced_attention() -> str | None:
 
 
 def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions: int = MEASURE_POSITIONS,
-                      reps: int = 3) -> dict[str, float]:
+                      reps: int = 5) -> dict[str, float]:
     """Seconds per call of each formulation for one query over `positions` cached keys, the best of `reps`
-    interleaved calls after one warm-up call each."""
+    interleaved calls after one warm-up call each. k and v are laid out as a KVCache's: slices of a buffer of
+    more positions (the speed depends on the strides)."""
     q = torch.ones(1, heads, 1, head_dim, dtype=dtype)  # the values do not change the speed
-    k = torch.ones(1, kv_heads, positions, head_dim, dtype=dtype)
-    v = torch.ones(1, kv_heads, positions, head_dim, dtype=dtype)
+    k, v = torch.ones(2, 1, kv_heads, positions + 64, head_dim, dtype=dtype)[:, :, :, :positions]
     for f in ATTEND.values():
         f(q, k, v)
     best = {}
