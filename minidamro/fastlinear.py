@@ -185,19 +185,25 @@ ATTENTION_FORMS = ("sdpa", "eager")
 MEASURE_POSITIONS = 768  # a representative cache: LLaVA-1.5's 576 image tokens, a prompt and an answer
 
 
-def _attend_sdpa(q, k, v):
+def _attend_sdpa(q, k, v, scratch=None):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _attend_eager(q, k, v):
-    # On contiguous copies of k and v, as transformers' cache holds them: a KVCache slice has its heads
-    # max_len positions apart, and torch's bfloat16 batched matmul over such strides took 1.7 ms per 7B layer for
-    # q k^T on the Zen 5 machine against 0.13 ms contiguous (float32 did not care); the copy costs less than that.
-    # GQA: each group of H / Hkv query heads shares one k/v head; repeated as HF's repeat_kv does (a grouped
-    # matmul without the copy sums in another order: its float32 results differ from HF eager's in the last bit).
-    rep = q.shape[1] // k.shape[1]
-    k, v = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k.contiguous(), v.contiguous())
-    return eager_attention(q, k, v)[0]  # the probabilities are not kept
+def _attend_eager(q, k, v, scratch=None):
+    """k and v are first copied into `scratch` (2, >= H S d), contiguous, each k/v head repeated for its group
+    of H / Hkv query heads as transformers' repeat_kv does (so the matmuls see HF's own operands; a grouped
+    matmul without the repeat sums in another order, and its float32 bits differ from HF eager's). Contiguous
+    matters: a KVCache slice has its heads max_len positions apart, and torch's bfloat16 batched matmul over
+    such strides took 1.7 ms per 7B layer for q k^T on the Zen 5 machine against 0.13 ms contiguous. And a
+    reused scratch matters: fresh 5 MB copies per layer were page-faulted in again on most calls (0.7 -> 1-5 ms)."""
+    _, Hkv, S, d = k.shape
+    H = q.shape[1]
+    if scratch is None:
+        scratch = torch.empty(2, H * S * d, dtype=k.dtype, device=k.device)
+    kc, vc = scratch[:, :H * S * d].view(2, Hkv, H // Hkv, S, d).unbind()
+    kc.copy_(k[0, :, None].expand_as(kc))  # (Hkv, rep, S, d): head h of the result is kv head h // rep
+    vc.copy_(v[0, :, None].expand_as(vc))
+    return eager_attention(q, kc.view(1, H, S, d), vc.view(1, H, S, d))[0]  # the probabilities are not kept
 
 
 ATTEND = {"sdpa": _attend_sdpa, "eager": _attend_eager}
@@ -220,20 +226,22 @@ def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions
     more positions (the speed depends on the strides)."""
     q = torch.ones(1, heads, 1, head_dim, dtype=dtype)  # the values do not change the speed
     k, v = torch.ones(2, 1, kv_heads, positions + 64, head_dim, dtype=dtype)[:, :, :, :positions]
+    scratch = torch.zeros(2, heads * positions * head_dim, dtype=dtype)  # written: real pages, as a reused one
     for f in ATTEND.values():
-        f(q, k, v)
+        f(q, k, v, scratch)
     best = {}
     for _ in range(reps):
         for name, f in ATTEND.items():
             t = time.perf_counter()
-            f(q, k, v)
+            f(q, k, v, scratch)
             best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
     return best
 
 
-def attention(q, k, v):
+def attention(q, k, v, scratch=None):
     """softmax(q k^T / sqrt(d)) v for one new query: q (1, H, 1, d), k, v (1, Hkv, S, d) -> (1, H, 1, d), with
-    SDPA or the eager formulation, whichever is faster here (CPU only; other devices take SDPA)."""
+    SDPA or the eager formulation, whichever is faster here (CPU only; other devices take SDPA). scratch: room
+    for the eager form's contiguous k and v (2, >= H S d), reused across calls (KVCache.scratch)."""
     name = forced_attention()
     if name is None:
         if q.device.type != "cpu":
@@ -244,4 +252,4 @@ def attention(q, k, v):
                 t = measure_attention(q.dtype, q.shape[1], k.shape[1], q.shape[-1])
                 _chosen[key] = min(t, key=t.get)
             name = _chosen[key]
-    return ATTEND[name](q, k, v)
+    return ATTEND[name](q, k, v, scratch)
