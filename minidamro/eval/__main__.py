@@ -146,8 +146,10 @@ def run(a) -> dict:
             if it.id in bad:
                 write({"id": it.id, "image": it.image, "skipped": "bad image or question", **it.meta})
         index = {it.id: i for i, it in enumerate(items)}
-        for image in data.images_in_order([it for it in todo if it.id not in bad]):
+        for image in data.images_in_order(mine):  # the order of a whole run, so a resumed file is the same file
             group = [it for it in todo if it.image == image and it.id not in bad]
+            if not group:
+                continue
             pixels = preprocess(load_image(image), cfg.preprocessor, pad_to_square=a.pad_square)  # (1, 3, S, S)
             for item_id, seed, token_ids, info in engine.answer_image(pixels, [(it.id, it.prompt) for it in group]):
                 it = by_id[item_id]

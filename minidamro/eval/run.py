@@ -53,7 +53,7 @@ def check_settings(out: str, settings: dict):
             old = json.load(f)
     except (OSError, ValueError) as e:
         raise MinidamroError(f"cannot read {path}: {e}") from None
-    for key in sorted(set(old) | set(settings)):
+    for key in list(settings) + [k for k in old if k not in settings]:  # the first difference in the run's order
         if old.get(key) != settings.get(key):
             raise MinidamroError(f"{out} holds a run with {key} = {json.dumps(old.get(key))}, this command has "
                                  f"{key} = {json.dumps(settings.get(key))}: use another --out to change settings")
