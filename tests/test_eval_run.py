@@ -128,8 +128,10 @@ def test_reuse_gives_the_per_question_answers(checkpoints, pope_set, tmp_path, c
         reused, single = tmp_path / f"{name}-reuse", tmp_path / f"{name}-single"
         run_ok(capsys, pope_args(checkpoints[name], pope_set, reused, *method))
         run_ok(capsys, pope_args(checkpoints[name], pope_set, single, "--no-reuse", *method))
+        run_ok(capsys, pope_args(checkpoints[name], pope_set, tmp_path / f"{name}-batch", "--batch-questions", *method))
         a, b = answers(reused / "answers.jsonl"), answers(single / "answers.jsonl")
-        assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+        c = answers(tmp_path / f"{name}-batch" / "answers.jsonl")
+        assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b] == [r["token_ids"] for r in c]
         assert [r.get("outliers") for r in a] == [r.get("outliers") for r in b]
         assert a[0]["reuse"] is True and b[0]["reuse"] is False
 

@@ -27,6 +27,8 @@ def add_run_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", required=True, help="run directory (answers, settings, metrics)")
     p.add_argument("--no-reuse", action="store_true",
                    help="run the vision tower and the image prefix once per question, as generate does")
+    p.add_argument("--batch-questions", action="store_true",
+                   help="decode the questions of one image together, one row each (an experiment: see the README)")
     p.add_argument("--shard", default=None, help="K/N: answer every N-th image from K (default: torchrun's "
                                                  "RANK/WORLD_SIZE, else 0/1)")
     p.add_argument("--skip-bad", action="store_true", help="leave out (and list) questions whose line or image "
@@ -84,7 +86,8 @@ def settings_of(a, model_cfg_path: str, n_questions: int) -> dict:
     """Everything an answer depends on (not the device, the shard or --skip-bad)."""
     s = {"task": a.command, "model": os.path.abspath(a.model), "method": a.method, "temperature": a.temperature,
          "top_p": a.top_p, "seed": a.seed, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
-         "pad_square": a.pad_square, "system": gen.system_text(a), "reuse": not a.no_reuse, "questions": n_questions}
+         "pad_square": a.pad_square, "system": gen.system_text(a), "reuse": not a.no_reuse,
+         "batch_questions": a.batch_questions, "questions": n_questions}
     if a.method == "damro":
         s |= {"alpha": a.alpha, "beta": a.beta, "topk": a.topk, "outlier_attention": a.outlier_attention}
     if a.command == "pope":
@@ -101,6 +104,8 @@ def settings_of(a, model_cfg_path: str, n_questions: int) -> dict:
 def run(a) -> dict:
     a.prompt = ""  # the prompts come from the benchmark; generate's checks read this
     gen.check_options(a)
+    if a.batch_questions and a.no_reuse:
+        raise MinidamroError("--batch-questions decodes rows that share the image prefix: it needs reuse (drop --no-reuse)")
     k, n = shard_spec(a.shard)
     if a.device.startswith("cuda") and ":" not in a.device and "LOCAL_RANK" in os.environ:
         a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one device per process
@@ -131,10 +136,11 @@ def run(a) -> dict:
         dcfg.check(cfg.vision.num_patches)
         damro.selection_layer(model)
     engine = Engine(model, tok, Method(a.method, dcfg), gen.system_text(a), a.max_new_tokens, a.temperature,
-                    a.top_p, a.seed, reuse=not a.no_reuse)
+                    a.top_p, a.seed, reuse=not a.no_reuse,
+                    batch_questions=a.batch_questions)
     settings = {"method": a.method, **{key: v for key, v in settings_of(a, a.model, 0).items()
                                        if key in ("alpha", "beta", "topk", "outlier_attention", "temperature",
-                                                  "top_p", "max_new_tokens", "reuse")}}
+                                                  "top_p", "max_new_tokens", "reuse", "batch_questions")}}
     label = f"{a.command}" + (f" shard {k}/{n}" if n > 1 else "")
     progress = Progress(len(mine), len(mine) - len(todo), label)
     by_id = {it.id: it for it in todo}

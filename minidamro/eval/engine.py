@@ -64,10 +64,10 @@ def stream_ids(ids, image_token: int, n: int):
 
 class Engine:
     def __init__(self, model, tok, method: Method, system, max_new_tokens: int, temperature, top_p, seed,
-                 reuse: bool = True):
+                 reuse: bool = True, batch_questions: bool = False):
         self.model, self.tok, self.method, self.system = model, tok, method, system
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
-        self.reuse = reuse
+        self.reuse, self.batch_questions = reuse, batch_questions
         self.device = model.lm_head.weight.device
         self.caches = None  # allocated once per run, at the longest size asked for so far
 
@@ -92,18 +92,27 @@ class Engine:
                 info, tokens = self.method.generate(self.model, ids, pixels, sampler, self.room(len(ids)))
                 yield item_id, seed, list(tokens), info
             return
-        yield from self._answer_image_reused(pixels, prompts)
+        if self.batch_questions:
+            yield from self._answer_image_batched(pixels, prompts)
+        else:
+            yield from self._answer_image_reused(pixels, prompts)
 
-    @torch.inference_mode()
-    def _answer_image_reused(self, pixels, prompts):
-        model, image_token = self.model, self.model.cfg.image_token_index
-        features, info = self.method.prepare(model, pixels.to(self.device))
+    def _prefix(self, pixels, prompts):
+        """Per image: the method's features, the prompts' ids, where the shared prefix ends, each stream's prefix."""
+        image_token = self.model.cfg.image_token_index
+        features, info = self.method.prepare(self.model, pixels.to(self.device))
         all_ids = [self.ids(p) for _, p in prompts]
         end = int((all_ids[0] == image_token).nonzero()[-1]) + 1  # the prefix: up to the end of the image run
         prefix = all_ids[0][:end]
         for ids in all_ids:  # the template puts every question after the image, so the prefix is shared
             assert torch.equal(ids[:end], prefix), "questions do not share the prompt up to the image"
         prefixes = [stream_ids(prefix, image_token, f.shape[0]) for f in features]
+        return features, info, all_ids, end, prefixes
+
+    @torch.inference_mode()
+    def _answer_image_reused(self, pixels, prompts):
+        model = self.model
+        features, info, all_ids, end, prefixes = self._prefix(pixels, prompts)
         longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
         if self.caches is None or any(c.max_len < len(p) + longest for c, p in zip(self.caches, prefixes)):
             self.caches = [new_cache(model, len(p) + longest) for p in prefixes]
@@ -124,4 +133,50 @@ class Engine:
                 return rule(list(decode_step(model, token.expand(len(caches)), caches)))
 
             tokens = list(decode_loop(model, rule(logits), step, sampler, self.room(len(ids))))
+            yield item_id, seed, tokens, info
+
+    @torch.inference_mode()
+    def _answer_image_batched(self, pixels, prompts):
+        """The questions of one image decoded together: one row per (question, stream), each row with its own
+        cache holding a copy of its stream's prefix; one forward per step for every unfinished row.
+        An experiment (--batch-questions): see the README for whether it pays on a CPU."""
+        model, eos = self.model, self.model.cfg.text.eos_token_id
+        features, info, all_ids, end, prefixes = self._prefix(pixels, prompts)
+        S = len(features)
+        longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
+        shared = [new_cache(model, len(p)) for p in prefixes]
+        for cache, p, f in zip(shared, prefixes, features):
+            prefill(model, model.embed(p, f), cache)
+        rows, samplers, seeds, out, logits, room = [], [], [], [], [], []
+        for (item_id, _), ids in zip(prompts, all_ids):
+            seed, sampler = self.sampler(item_id)
+            seeds.append(seed)
+            samplers.append(sampler)
+            room.append(self.room(len(ids)))
+            rest = model.language_model.embed_tokens(ids[end:])[None]
+            first = []
+            for src in shared:
+                c = new_cache(model, src.length + longest)
+                c.k[:, :, :src.length], c.v[:, :, :src.length] = src.k, src.v
+                c.length = src.length
+                first.append(prefill(model, rest, c))
+                rows.append(c)
+            logits.append(first)
+            out.append([])
+        active = list(range(len(prompts)))
+        while active:
+            tokens = []
+            for q in active:
+                t = samplers[q].choose(self.method.rule(logits[q]))
+                out[q].append(int(t))
+                tokens.append(t)
+            keep = [i for i, q in enumerate(active) if out[q][-1] != eos and len(out[q]) < room[q]]
+            active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
+            if not active:
+                break
+            caches = [rows[q * S + s] for q in active for s in range(S)]
+            step = decode_step(model, torch.cat(tokens).repeat_interleave(S), caches)
+            for i, q in enumerate(active):
+                logits[q] = list(step[i * S:(i + 1) * S])
+        for (item_id, _), seed, tokens in zip(prompts, seeds, out):
             yield item_id, seed, tokens, info
