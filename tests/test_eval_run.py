@@ -108,6 +108,9 @@ def test_shards_merged_equal_one_run(checkpoints, pope_set, reference_run, tmp_p
     out = tmp_path / "run"
     _, err = run_ok(capsys, pope_args(checkpoints["mha"], pope_set, out, "--shard", "1/2"))
     assert "once every shard has finished" in err and not (out / "metrics.json").exists()
+    with pytest.raises(SystemExit):
+        main(["score", str(out)])
+    assert "12 of 24 questions answered" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")  # torchrun's variables select the shard too
     monkeypatch.setenv("WORLD_SIZE", "2")
     run_ok(capsys, pope_args(checkpoints["mha"], pope_set, out))

@@ -15,7 +15,7 @@ import sys
 
 from .. import MinidamroError, damro
 from .. import generate as gen
-from . import data, mme
+from . import chair, data, mme
 from .engine import Engine, Method
 from .run import Progress, answers_name, check_settings, read_answers, shard_spec, write_json_atomic
 from .score import released_chair, released_pope, score_run
@@ -111,10 +111,13 @@ def run(a) -> dict:
         a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one device per process
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         raise MinidamroError(f"model directory {a.model} has no config.json")
+    if a.command == "chair":  # what scoring needs, checked now rather than after hours of captions
+        if not os.path.exists(a.ground_truth):
+            raise MinidamroError(f"ground truth {a.ground_truth} does not exist")
+        chair.load_nltk()
     items, problems = load_items(a)
-    check_settings(a.out, settings_of(a, a.model, len(items)))
     path = os.path.join(a.out, answers_name(k, n))
-    done = {o["id"] for o in read_answers(path, repair=True) if "skipped" not in o}
+    done = {o["id"] for o in read_answers(path) if "skipped" not in o}
     mine = data.shard(items, k, n)
     todo = [it for it in mine if it.id not in done]
     bad = data.check_images(todo, problems)  # every image opened before the model loads
@@ -122,6 +125,8 @@ def run(a) -> dict:
         more = f" (and {len(problems) - 1} more; --skip-bad leaves them out)" if len(problems) > 1 else \
             " (--skip-bad leaves it out)"
         raise MinidamroError(problems[0] + more)
+    check_settings(a.out, settings_of(a, a.model, len(items)))  # after the checks: a typo leaves no run.json
+    read_answers(path, repair=True)  # cut a torn last line before appending
     for p in problems:
         print(f"skipped: {p}", file=sys.stderr)
 
