@@ -13,6 +13,7 @@ layer, unused at layer -2). Then times each implementation in its own subprocess
     md_plain        minidamro.generation.generate
     md_damro        minidamro.damro.generate(batched=True): both streams in one forward per token
     md_damro_2call  the same with batched=False (two forwards per token), for information
+    md_vcd          minidamro VCD (noise step 500) through the same core: two full-length streams, one forward
 
 Timing: a timestamp as each token reaches the caller (a streamer for generate(), the iterators, the loop).
 prefill = first token - call (vision tower, projector, prompt prefill, first choice); decode = (last token -
@@ -50,7 +51,7 @@ SPEC = {
 }
 IMAGE_TOKEN, PAD_TOKEN, SP_VOCAB = 32000, 32001, 400  # a small sentencepiece model: ids only need to be valid
 PROMPT, TOPK, ALPHA, BETA = "Describe this image in detail.", 10, 2.0, 0.1
-IMPLS = ("hf", "hf_damro", "md_plain", "md_damro", "md_damro_2call")
+IMPLS = ("hf", "hf_damro", "md_plain", "md_damro", "md_damro_2call", "md_vcd")
 
 
 # ---------------------------------------------------------------- the checkpoint
@@ -197,7 +198,7 @@ def hf_runner(workdir: str, impl: str):
 
 
 def md_runner(workdir: str, impl: str):
-    from . import damro, generation
+    from . import contrastive, damro, generation, vcd
     from .llava import load_model
     model = load_model(os.path.join(workdir, "minidamro"))
     model.cfg.text.eos_token_id = -1  # never stop early: every run makes exactly n tokens
@@ -207,6 +208,8 @@ def md_runner(workdir: str, impl: str):
         t0 = time.perf_counter()
         if impl == "md_plain":
             it = generation.generate(model, ids, pixels, generation.Sampler(), n)
+        elif impl == "md_vcd":
+            _, it = contrastive.generate(model, ids, pixels, vcd.METHOD, vcd.VcdConfig(), generation.Sampler(), n)
         else:
             _, it = damro.generate(model, ids, pixels, damro.DamroConfig(alpha=ALPHA, beta=BETA, topk=TOPK),
                                    generation.Sampler(), n, batched=impl == "md_damro")
@@ -313,6 +316,8 @@ def summarize(r: dict, w: dict) -> dict:
     return {
         "bandwidth_gbs": bw, "roofline_ms": roofline_ms, "rss_limit_mb": limit,
         "md_damro / md_plain decode (<= 1.15)": dec("md_damro") / dec("md_plain"),
+        "md_vcd / md_plain decode (<= 1.1)": dec("md_vcd") / dec("md_plain"),
+        "md_vcd / md_plain prefill": r["md_vcd"]["prefill_s"] / r["md_plain"]["prefill_s"],
         "md_plain / hf decode (<= 1)": dec("md_plain") / dec("hf"),
         "md_plain roofline fraction, bytes read per token (>= 0.85)": roofline_ms / dec("md_plain"),
         # Issue 4 states its bound as all LLM weight bytes (embedding table included) / bandwidth.

@@ -1,5 +1,8 @@
 """DAMRO (Gong et al., EMNLP 2024, arXiv 2410.04514): outlier-token selection and contrastive decoding.
 
+This module is DAMRO's part of the contrastive core (contrastive.py): `prepare` builds the two streams'
+image features (steps 1-2), `rule` is Eq. 5-6 (step 3); the core prefills and decodes the streams.
+
 1. The ViT's [CLS] attention at the layer LLaVA takes its features from picks the top-k "outlier"
    patches (Eq. 3-4). One ViT pass serves both the image features and the selection.
 2. A second, contrastive stream sees the same prompt with only those k projected features in place of
@@ -15,7 +18,8 @@ import torch
 
 from . import MinidamroError
 from .capture import Capture
-from .generation import Sampler, decode_loop, decode_step, new_cache, prefill
+from .contrastive import Method, Prepared, generate as contrastive_generate
+from .generation import Sampler
 from .llava import Llava
 
 OUTLIER_ATTENTION = ("full", "heads")
@@ -75,39 +79,38 @@ def damro_scores(l, l_cd, alpha: float, beta: float):
     return d.masked_fill(l < cutoff, float("-inf"))
 
 
-def contrastive_ids(ids, image_token: int, k: int):
-    """The prompt with its run of image ids cut to k: positions stay contiguous over the shorter sequence."""
-    where = (ids == image_token).nonzero()[:, 0]
-    start, end = int(where[0]), int(where[-1]) + 1
-    return torch.cat([ids[:start], ids.new_full((k,), image_token), ids[end:]])
+def check(model: Llava, cfg: DamroConfig):
+    cfg.check(model.cfg.vision.num_patches)
+    selection_layer(model)
 
 
 @torch.inference_mode()
-def generate(model: Llava, ids, pixels, cfg: DamroConfig, sampler: Sampler, max_new_tokens: int,
-             batched: bool = True):
-    """DAMRO decoding. Returns (outliers, iterator over generated ids).
-
-    `batched` decodes both streams in one forward per token (one read of the weights); False keeps the
-    two separate forwards of the released code, the reference the batched path is tested against.
-    """
-    cfg.check(model.cfg.vision.num_patches)
+def prepare(model: Llava, pixels, cfg: DamroConfig, generator=None) -> Prepared:
+    """Steps 1-2: one ViT pass gives the image features and the [CLS] row; the contrastive stream sees only
+    the top-k features, in descending-attention order. Returns Prepared([features, features[outliers]]).
+    DAMRO draws nothing at random: `generator` is unused (the core passes every method one)."""
     layer = selection_layer(model)
     want = Capture(vit_qk_layers=(layer,)) if cfg.outlier_attention == "full" else Capture(vit_layers=(layer,))
     features = model.encode_image(pixels.to(model.lm_head.weight.device), want)[0]  # (n_img, D)
     outliers = select_outliers(cls_attention(want, layer, cfg.outlier_attention), cfg.topk)
     cls_kept = model.cfg.vision_feature_select_strategy == "full"  # then feature 0 is [CLS], patch j is j + 1
+    return Prepared([features, features[outliers + cls_kept]], {"outliers": outliers.tolist()})
 
-    cd_ids = contrastive_ids(ids, model.cfg.image_token_index, cfg.topk)
-    cache, cd_cache = new_cache(model, len(ids) + max_new_tokens), new_cache(model, len(cd_ids) + max_new_tokens)
-    l = prefill(model, model.embed(ids, features), cache)
-    l_cd = prefill(model, model.embed(cd_ids, features[outliers + cls_kept]), cd_cache)
 
-    def next_scores(token):  # append the chosen token to both streams (the caches grow in step), apply Eq. 5-6
-        if batched:
-            l, l_cd = decode_step(model, token.expand(2), [cache, cd_cache])
-        else:
-            l, l_cd = decode_step(model, token, [cache])[0], decode_step(model, token, [cd_cache])[0]
-        return damro_scores(l, l_cd, cfg.alpha, cfg.beta)
+def rule(cfg, logits):
+    """Step 3, per token: Eq. 5-6 on the full stream's logits l = logits[0] and the contrastive l_cd = logits[1]."""
+    return damro_scores(logits[0], logits[1], cfg.alpha, cfg.beta)
 
-    first = damro_scores(l, l_cd, cfg.alpha, cfg.beta)
-    return outliers.tolist(), decode_loop(model, first, next_scores, sampler, max_new_tokens)
+
+METHOD = Method("damro", DamroConfig, check, prepare, rule)
+
+
+def generate(model: Llava, ids, pixels, cfg: DamroConfig, sampler: Sampler, max_new_tokens: int,
+             batched: bool = True):
+    """DAMRO decoding through the core. Returns (outliers, iterator over generated ids).
+
+    `batched` decodes both streams in one forward per token (one read of the weights); False keeps the
+    two separate forwards of the released code, the reference the batched path is tested against.
+    """
+    info, tokens = contrastive_generate(model, ids, pixels, METHOD, cfg, sampler, max_new_tokens, batched)
+    return info["outliers"], tokens
