@@ -139,6 +139,29 @@ def test_reuse_gives_the_per_question_answers(checkpoints, pope_set, tmp_path, c
         assert a[0]["reuse"] is True and b[0]["reuse"] is False
 
 
+def test_vcd_reuses_one_noised_image_per_image(checkpoints, pope_set, tmp_path, capsys):
+    """With reuse VCD's noise is drawn once per image (seeded by the run's seed and the image's name), so
+    the batched-question path gives the same answers; the per-question path draws it per question."""
+    method = ["--method", "vcd", "--temperature", "1"]
+    run_ok(capsys, pope_args(checkpoints["mha"], pope_set, tmp_path / "reuse", *method))
+    run_ok(capsys, pope_args(checkpoints["mha"], pope_set, tmp_path / "batch", "--batch-questions", *method))
+    a, c = answers(tmp_path / "reuse" / "answers.jsonl"), answers(tmp_path / "batch" / "answers.jsonl")
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in c]
+    assert a[0]["method"] == "vcd" and a[0]["noise_step"] == 500 and a[0]["alpha"] == 1.0
+
+
+def test_the_per_question_path_is_generate(checkpoints, pope_set, tmp_path, capsys):
+    from minidamro.generate import main as generate_main
+    run_ok(capsys, pope_args(checkpoints["gqa"], pope_set, tmp_path / "r", "--no-reuse", "--method", "damro",
+                             "--topk", "4", "--temperature", "1"))
+    r = answers(tmp_path / "r" / "answers.jsonl")[4]
+    generate_main([r["image"], "--model", checkpoints["gqa"], "--prompt", r["prompt"], "--system", "llava_v1",
+                   "--method", "damro", "--topk", "4", "--temperature", "1", "--seed", str(r["seed"]),
+                   "--max-new-tokens", "6", "--json"])
+    g = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert g["token_ids"] == r["token_ids"] and g["outliers"] == r["outliers"] and g["text"] == r["answer"]
+
+
 def test_different_settings_are_refused_naming_the_difference(checkpoints, pope_set, reference_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)

@@ -13,10 +13,12 @@ import json
 import os
 import sys
 
-from .. import MinidamroError, damro
+from dataclasses import asdict
+
+from .. import MinidamroError, methods
 from .. import generate as gen
 from . import chair, data, mme
-from .engine import Engine, Method
+from .engine import Engine
 from .run import Progress, answers_name, check_settings, read_answers, shard_spec, write_json_atomic
 from .score import released_chair, released_pope, score_run
 
@@ -88,8 +90,7 @@ def settings_of(a, model_cfg_path: str, n_questions: int) -> dict:
          "top_p": a.top_p, "seed": a.seed, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
          "pad_square": a.pad_square, "system": gen.system_text(a), "reuse": not a.no_reuse,
          "batch_questions": a.batch_questions, "questions": n_questions}
-    if a.method == "damro":
-        s |= {"alpha": a.alpha, "beta": a.beta, "topk": a.topk, "outlier_attention": a.outlier_attention}
+    s |= asdict(gen.method_config(a, a.method))  # the method's own settings (its defaults where not given)
     if a.command == "pope":
         s |= {"question_files": [os.path.abspath(data.pope_file(q)) for q in a.questions],
               "images": os.path.abspath(a.images)}
@@ -136,16 +137,12 @@ def run(a) -> dict:
     model = load_model(a.model, a.device, a.dtype)
     cfg = model.cfg
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
-    dcfg = damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention)
-    if a.method == "damro":
-        dcfg.check(cfg.vision.num_patches)
-        damro.selection_layer(model)
-    engine = Engine(model, tok, Method(a.method, dcfg), gen.system_text(a), a.max_new_tokens, a.temperature,
-                    a.top_p, a.seed, reuse=not a.no_reuse,
-                    batch_questions=a.batch_questions)
-    settings = {"method": a.method, **{key: v for key, v in settings_of(a, a.model, 0).items()
-                                       if key in ("alpha", "beta", "topk", "outlier_attention", "temperature",
-                                                  "top_p", "max_new_tokens", "reuse", "batch_questions")}}
+    method, mcfg = methods.get(a.method), gen.method_config(a, a.method)
+    method.check(model, mcfg)
+    engine = Engine(model, tok, method, mcfg, gen.system_text(a), a.max_new_tokens, a.temperature, a.top_p, a.seed,
+                    reuse=not a.no_reuse, batch_questions=a.batch_questions)
+    settings = {"method": a.method, **asdict(mcfg), "temperature": a.temperature, "top_p": a.top_p,
+                "max_new_tokens": a.max_new_tokens, "reuse": not a.no_reuse, "batch_questions": a.batch_questions}
     label = f"{a.command}" + (f" shard {k}/{n}" if n > 1 else "")
     progress = Progress(len(mine), len(mine) - len(todo), label)
     by_id = {it.id: it for it in todo}
@@ -162,7 +159,8 @@ def run(a) -> dict:
             if not group:
                 continue
             pixels = preprocess(load_image(image), cfg.preprocessor, pad_to_square=a.pad_square)  # (1, 3, S, S)
-            for item_id, seed, token_ids, info in engine.answer_image(pixels, [(it.id, it.prompt) for it in group]):
+            for item_id, seed, token_ids, info in engine.answer_image(pixels, [(it.id, it.prompt) for it in group],
+                                                                         os.path.basename(image)):
                 it = by_id[item_id]
                 write({"id": it.id, "image": it.image, "prompt": it.prompt, "answer": tok.decode(token_ids),
                        "token_ids": token_ids, **settings, "seed": seed, **info, "index": index[it.id],

@@ -18,12 +18,12 @@ import time
 import torch
 from PIL import Image
 
-from .. import damro
+from .. import methods
 from ..image import load_image, preprocess
 from ..llava import load_model
 from ..tokenizer import LLAVA_V1_SYSTEM, Tokenizer
 from .data import POPE_SUFFIX
-from .engine import Engine, Method
+from .engine import Engine
 
 OBJECTS = ["dog", "cat", "car", "person", "chair", "bottle", "cup", "bus", "tree", "bird", "horse", "sink",
            "clock", "bench", "kite", "train", "boat", "pizza", "truck", "vase"]
@@ -49,7 +49,7 @@ def main():
     p.add_argument("--questions", type=int, default=18, help="per image (POPE: 6 per split x 3 splits)")
     p.add_argument("--max-new-tokens", type=int, default=4, help="random weights never stop at EOS; LLaVA's "
                    "one-word POPE answers take 2-3 tokens with EOS")
-    p.add_argument("--method", choices=("plain", "damro"), default="plain")
+    p.add_argument("--method", choices=tuple(methods.METHODS), default="plain", help="with its default settings")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--modes", default="no-reuse,reuse,batch")
     p.add_argument("--out")
@@ -58,10 +58,12 @@ def main():
         torch.set_num_threads(a.threads)
     model = load_model(a.model)
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
-    method = Method(a.method, damro.DamroConfig())
+    method = methods.get(a.method)
+    mcfg = method.config()
+    method.check(model, mcfg)
     engines = {"no-reuse": dict(reuse=False), "reuse": dict(reuse=True), "batch": dict(reuse=True, batch_questions=True)}
     modes = a.modes.split(",")
-    engines = {m: Engine(model, tok, method, LLAVA_V1_SYSTEM, a.max_new_tokens, 0.0, 1.0, 42, **engines[m])
+    engines = {m: Engine(model, tok, method, mcfg, LLAVA_V1_SYSTEM, a.max_new_tokens, 0.0, 1.0, 42, **engines[m])
                for m in modes}
     times = {m: 0.0 for m in modes}
     answers = {m: [] for m in modes}
@@ -73,7 +75,7 @@ def main():
             for m in modes:
                 t = time.perf_counter()
                 pixels = preprocess(load_image(path), model.cfg.preprocessor)
-                answers[m] += [tokens for _, _, tokens, _ in engines[m].answer_image(pixels, prompts)]
+                answers[m] += [tokens for _, _, tokens, _ in engines[m].answer_image(pixels, prompts, os.path.basename(path))]
                 times[m] += time.perf_counter() - t
             print(f"image {i + 1}/{len(paths)}: " + ", ".join(f"{m} {times[m]:.1f} s" for m in modes), file=sys.stderr)
     n = a.images * a.questions
