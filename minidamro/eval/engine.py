@@ -28,7 +28,6 @@ def derived_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "big") >> 1
 
 
-question_seed = derived_seed
 
 
 class Engine:
