@@ -123,20 +123,19 @@ def test_shards_merged_equal_one_run(checkpoints, pope_set, reference_run, tmp_p
     assert json.loads(out2.splitlines()[-1]) == json.load(open(reference_run / "metrics.json"))
 
 
-@pytest.mark.parametrize("method", [["--method", "plain", "--temperature", "1"],
-                                    ["--method", "damro", "--topk", "3", "--alpha", "1"]])
-def test_reuse_gives_the_per_question_answers(checkpoints, pope_set, tmp_path, capsys, method):
+@pytest.mark.parametrize("name, method", [("mha", ["--method", "plain", "--temperature", "1"]),
+                                          ("gqa", ["--method", "damro", "--topk", "3", "--alpha", "1"])])
+def test_reuse_gives_the_per_question_answers(checkpoints, pope_set, tmp_path, capsys, name, method):
     """The tiny models have no near-ties, so the prefix-then-rest prefill rounds to the same tokens."""
-    for name in ("mha", "gqa"):
-        reused, single = tmp_path / f"{name}-reuse", tmp_path / f"{name}-single"
-        run_ok(capsys, pope_args(checkpoints[name], pope_set, reused, *method))
-        run_ok(capsys, pope_args(checkpoints[name], pope_set, single, "--no-reuse", *method))
-        run_ok(capsys, pope_args(checkpoints[name], pope_set, tmp_path / f"{name}-batch", "--batch-questions", *method))
-        a, b = answers(reused / "answers.jsonl"), answers(single / "answers.jsonl")
-        c = answers(tmp_path / f"{name}-batch" / "answers.jsonl")
-        assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b] == [r["token_ids"] for r in c]
-        assert [r.get("outliers") for r in a] == [r.get("outliers") for r in b]
-        assert a[0]["reuse"] is True and b[0]["reuse"] is False
+    reused, single = tmp_path / f"{name}-reuse", tmp_path / f"{name}-single"
+    run_ok(capsys, pope_args(checkpoints[name], pope_set, reused, *method))
+    run_ok(capsys, pope_args(checkpoints[name], pope_set, single, "--no-reuse", *method))
+    run_ok(capsys, pope_args(checkpoints[name], pope_set, tmp_path / f"{name}-batch", "--batch-questions", *method))
+    a, b = answers(reused / "answers.jsonl"), answers(single / "answers.jsonl")
+    c = answers(tmp_path / f"{name}-batch" / "answers.jsonl")
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b] == [r["token_ids"] for r in c]
+    assert [r.get("outliers") for r in a] == [r.get("outliers") for r in b]
+    assert a[0]["reuse"] is True and b[0]["reuse"] is False
 
 
 def test_vcd_reuses_one_noised_image_per_image(checkpoints, pope_set, tmp_path, capsys):
