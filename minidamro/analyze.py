@@ -15,6 +15,11 @@ image tokens of the prompt. With --method damro or vcd it is the full stream's a
 clean image) while the method chooses the tokens; the ViT figure is always the clean image's.
 H_i and F are over the patches: with vision_feature_select_strategy "full" ([CLS] kept as image feature 0)
 patch j is image token j + 1. A word's map uses the row of its first piece (see split_words for the rule).
+
+LLaVA-NeXT: the [CLS] map, the outliers, H_i, F and the figures are the base tile's (the whole image
+squashed to one tile, the first num_patches image tokens; the tile DAMRO's contrastive stream uses), drawn
+over the base tile's pixels; analysis.json also has each grid tile's outliers (`tile_outliers`, which DAMRO
+computes and does not use) and each token's decoder attention over all image tokens.
 """
 import json
 import os
@@ -29,7 +34,8 @@ from PIL import Image
 from . import MinidamroError, contrastive, damro, draw, generation, methods
 from .capture import Capture
 from .generate import Parser, add_arguments, check_options, encode_prompt, guarded, method_config, system_text
-from .image import load_image, preprocess
+from .anyres import model_pixels
+from .image import load_image
 from .llava import Llava, load_model
 from .tokenizer import Tokenizer
 
@@ -58,6 +64,7 @@ class Analysis:
     patch_offset: int         # image token of patch j is j + patch_offset (1 when [CLS] is kept as feature 0)
     vit_attention: list[float]  # [CLS] attention over the patches (Eq. 3)
     outliers: list[int]       # top-k patches, descending (Eq. 4): the ones DAMRO's contrastive stream sees
+    tile_outliers: list[list[int]]  # NeXT: the same selection on each grid tile, row-major (unused by DAMRO)
     tokens: list[Token]
     words: list[dict]         # {"text", "tokens": indices into tokens}
     image: Image.Image = field(repr=False)  # the preprocessed input, back in RGB (not written to the JSON)
@@ -133,12 +140,14 @@ def to_rgb_image(pixels, preprocessor: dict) -> Image.Image:
 
 
 @torch.inference_mode()
-def vit_attention(model: Llava, pixels, mode: str):
-    """[CLS] attention over all 1 + N ViT tokens at the selection layer (damro.cls_attention), and the features."""
+def vit_attention(model: Llava, pixels, mode: str, image_size=None):
+    """[CLS] attention over all 1 + N ViT tokens at the selection layer (damro.cls_attention), per tile (one
+    for LLaVA-1.5; base first for NeXT), and the prompt's image embeddings."""
     layer = damro.selection_layer(model)
     want = Capture(vit_qk_layers=(layer,)) if mode == "full" else Capture(vit_layers=(layer,))
-    features = model.encode_image(pixels, want)[0]
-    return layer, damro.cls_attention(want, layer, mode), features
+    tiles = model.encode_image(pixels, want)
+    rows = [damro.cls_attention(want, layer, mode, t) for t in range(tiles.shape[0])]
+    return layer, rows, model.pack_features(tiles, image_size)
 
 
 @torch.inference_mode()
@@ -181,22 +190,24 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
     if max_new_tokens < 1:
         raise MinidamroError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     device = model.lm_head.weight.device
-    pixels = preprocess(image, model.cfg.preprocessor, pad_to_square=pad_square).to(device)
-    ids, max_new = encode_prompt(model, tok, prompt, system, max_new_tokens)
+    pixels, image_size = model_pixels(image, model.cfg, pad_to_square=pad_square)
+    pixels = pixels.to(device)
+    ids, max_new = encode_prompt(model, tok, prompt, system, max_new_tokens, image_size)
 
     # The tokens come from the core itself, untouched by any capture (a captured layer takes the eager
     # path, which can differ from SDPA in the last bit), so they are exactly what generate gives.
     sampler = generation.Sampler(temperature, top_p, seed, device)
-    tokens = list(contrastive.generate(model, ids, pixels, m, cfg, sampler, max_new)[1])
+    tokens = list(contrastive.generate(model, ids, pixels, m, cfg, sampler, max_new, image_size=image_size)[1])
 
-    layer, cls_row, features = vit_attention(model, pixels, dcfg.outlier_attention)
+    layer, cls_rows, features = vit_attention(model, pixels, dcfg.outlier_attention, image_size)
+    cls_row = cls_rows[0]                                         # the (base) tile's
     offset = int(model.cfg.vision_feature_select_strategy == "full")  # [CLS] kept: patch j is image token j + 1
     vit = cls_row[1:].cpu()                                       # patches only (Eq. 3 keeps A_cls[1:])
-    dec = decoder_attention(model, ids, features, tokens)         # (n, num_image_tokens)
+    dec = decoder_attention(model, ids, features, tokens)         # (n, image tokens of the prompt)
     n_h = min(H_MAX, len(vit))
     records = []
     for t, row in zip(tokens, dec):
-        patches = row[offset:]
+        patches = row[offset:offset + len(vit)]  # the (base) tile's patches: NeXT's grid tokens follow them
         records.append(Token(t, piece_of(tok, t), row.tolist(), [overlap(vit, patches, i) for i in range(1, n_h + 1)],
                              outlier_share(vit, patches)))
     settings = {"method": method, "alpha": dcfg.alpha, "beta": dcfg.beta, "topk": dcfg.topk,
@@ -205,7 +216,8 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
                 "seed": seed, "max_new_tokens": max_new, "system": system, "pad_square": pad_square,
                 "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     return Analysis(model_dir, prompt, tok.decode(tokens), settings, layer, int(len(vit) ** 0.5), offset,
-                    vit.tolist(), damro.select_outliers(cls_row, dcfg.topk).tolist(), records,
+                    vit.tolist(), damro.select_outliers(cls_row, dcfg.topk).tolist(),
+                    [damro.select_outliers(r, dcfg.topk).tolist() for r in cls_rows[1:]], records,
                     split_words(tok, tokens), to_rgb_image(pixels, model.cfg.preprocessor))
 
 
@@ -218,7 +230,8 @@ def figures(a: Analysis) -> tuple[Image.Image, Image.Image]:
         f"ViT [CLS] attention at encoder layer {a.selection_layer} (0-based), top-{len(a.outliers)} outliers",
         f"{how}; the top 3 patches take {top3:.1%} of it; {name}")
     # A word's map is its first piece's row: the position whose logits committed to the word.
-    tiles = [(w["text"], f"F {t.F:.3f}  H3 {t.H[min(2, len(t.H) - 1)]:.2f}", t.attention[a.patch_offset:])
+    tiles = [(w["text"], f"F {t.F:.3f}  H3 {t.H[min(2, len(t.H) - 1)]:.2f}",
+              t.attention[a.patch_offset:a.patch_offset + a.grid ** 2])
              for w in a.words for t in [a.tokens[w["tokens"][0]]]]
     dec = draw.decoder_figure(
         a.image, tiles, a.grid, a.outliers[:F_TOP],

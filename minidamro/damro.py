@@ -11,6 +11,12 @@ image features (steps 1-2), `rule` is Eq. 5-6 (step 3); the core prefills and de
    l >= log(beta) + max(l) (Eq. 5-6), where l and l_cd are the two streams' logits.
 
 Where the paper's text and the authors' released code differ, this module follows the code (noted inline).
+
+LLaVA-NeXT, as the release runs it: the selection is made on every tile (base + grid tiles) at the same
+layer, but only the base tile's is used: the contrastive stream sees the base tile's k features, in
+descending order, then one `image_newline` (k + 1 image tokens). The grid tiles' outliers are computed
+and unused by decoding (minidamro reports them as `tile_outliers`); so on NeXT DAMRO contrasts with a
+squashed whole-image view, never with the high-resolution tiles.
 """
 from dataclasses import dataclass
 
@@ -51,15 +57,16 @@ def selection_layer(model: Llava) -> int:
     return layer
 
 
-def cls_attention(capture: Capture, layer: int, mode: str = "full"):
-    """The [CLS] row of the ViT attention at `layer` over all 1 + N tokens (Eq. 3), float32, shape (1 + N,)."""
+def cls_attention(capture: Capture, layer: int, mode: str = "full", tile: int = 0):
+    """The [CLS] row of the ViT attention at `layer` over all 1 + N tokens (Eq. 3), float32, shape (1 + N,),
+    of one image of the ViT's batch: LLaVA-1.5's only one, or tile `tile` of NeXT's (0 = the base tile)."""
     if mode == "full":
         # The released code does not split heads: one dot product over the full width D (1024 for ViT-L),
         # scaled by sqrt(D), between the [CLS] query and every key (q_proj / k_proj outputs, bias included).
-        q, k = capture.vit_q[layer][0, 0].float(), capture.vit_k[layer][0].float()  # (D,), (1 + N, D)
+        q, k = capture.vit_q[layer][tile, 0].float(), capture.vit_k[layer][tile].float()  # (D,), (1 + N, D)
         return torch.softmax(k @ q / k.shape[-1] ** 0.5, dim=-1)
     # "heads": what the ViT really attends with, the mean over heads of the per-head probabilities.
-    return capture.vit_attn[layer][0, :, 0].float().mean(0)
+    return capture.vit_attn[layer][tile, :, 0].float().mean(0)
 
 
 def select_outliers(attention, k: int):
@@ -84,17 +91,31 @@ def check(model: Llava, cfg: DamroConfig):
     selection_layer(model)
 
 
+def contrastive_features(model: Llava, tiles, outliers):
+    """The contrastive stream's image embeddings: the selected projected features of the first (LLaVA-1.5:
+    only) tile, in descending-attention order. NeXT, as the release: the base tile's k, then one image_newline."""
+    cls_kept = model.cfg.vision_feature_select_strategy == "full"  # then feature 0 is [CLS], patch j is j + 1
+    picked = tiles[0][outliers + cls_kept]  # (k, D)
+    if model.cfg.model_type == "llava_next":
+        picked = torch.cat([picked, model.image_newline[None].to(picked.dtype)])
+    return picked
+
+
 @torch.inference_mode()
-def prepare(model: Llava, pixels, cfg: DamroConfig, generator=None) -> Prepared:
-    """Steps 1-2: one ViT pass gives the image features and the [CLS] row; the contrastive stream sees only
-    the top-k features, in descending-attention order. Returns Prepared([features, features[outliers]]).
+def prepare(model: Llava, pixels, cfg: DamroConfig, generator=None, image_size=None) -> Prepared:
+    """Steps 1-2: one ViT pass gives the image features and the [CLS] rows; the contrastive stream sees only
+    the top-k features, in descending-attention order. Returns Prepared([features, contrastive features]) with
+    info["outliers"] the selection used, and on NeXT info["tile_outliers"] the grid tiles' (unused, see top).
     DAMRO draws nothing at random: `generator` is unused (the core passes every method one)."""
     layer = selection_layer(model)
     want = Capture(vit_qk_layers=(layer,)) if cfg.outlier_attention == "full" else Capture(vit_layers=(layer,))
-    features = model.encode_image(pixels.to(model.lm_head.weight.device), want)[0]  # (n_img, D)
-    outliers = select_outliers(cls_attention(want, layer, cfg.outlier_attention), cfg.topk)
-    cls_kept = model.cfg.vision_feature_select_strategy == "full"  # then feature 0 is [CLS], patch j is j + 1
-    return Prepared([features, features[outliers + cls_kept]], {"outliers": outliers.tolist()})
+    tiles = model.encode_image(pixels.to(model.lm_head.weight.device), want)  # (tiles, num_image_tokens, D)
+    picks = [select_outliers(cls_attention(want, layer, cfg.outlier_attention, t), cfg.topk)
+             for t in range(tiles.shape[0])]  # per tile, as the release; only picks[0] is used
+    info = {"outliers": picks[0].tolist()}
+    if model.cfg.model_type == "llava_next":
+        info["tile_outliers"] = [p.tolist() for p in picks[1:]]
+    return Prepared([model.pack_features(tiles, image_size), contrastive_features(model, tiles, picks[0])], info)
 
 
 def rule(cfg, logits):
@@ -106,11 +127,13 @@ METHOD = Method("damro", DamroConfig, check, prepare, rule)
 
 
 def generate(model: Llava, ids, pixels, cfg: DamroConfig, sampler: Sampler, max_new_tokens: int,
-             batched: bool = True):
-    """DAMRO decoding through the core. Returns (outliers, iterator over generated ids).
+             batched: bool = True, image_size=None):
+    """DAMRO decoding through the core. Returns (outliers, iterator over generated ids). `image_size`: the
+    image's (height, width), for LLaVA-NeXT.
 
     `batched` decodes both streams in one forward per token (one read of the weights); False keeps the
     two separate forwards of the released code, the reference the batched path is tested against.
     """
-    info, tokens = contrastive_generate(model, ids, pixels, METHOD, cfg, sampler, max_new_tokens, batched)
+    info, tokens = contrastive_generate(model, ids, pixels, METHOD, cfg, sampler, max_new_tokens, batched,
+                                        image_size=image_size)
     return info["outliers"], tokens

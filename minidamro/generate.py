@@ -1,4 +1,4 @@
-"""python -m minidamro.generate IMAGE: answer a prompt about an image with LLaVA-1.5, plainly, with DAMRO or VCD.
+"""python -m minidamro.generate IMAGE: answer about an image with LLaVA-1.5 or -NeXT, plainly, with DAMRO or VCD.
 
     python -m minidamro.generate photo.jpg --model checkpoints/llava-1.5-7b --prompt "What is in this image?"
     python -m minidamro.generate photo.jpg --method damro --alpha 2 --beta 0.1 --topk 10
@@ -20,7 +20,8 @@ from dataclasses import asdict
 import torch
 
 from . import MinidamroError, contrastive, damro, generation, methods, vcd
-from .image import load_image, preprocess
+from .anyres import model_pixels
+from .image import load_image
 from .llava import DTYPES, load_model
 from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt, prompt_ids
 
@@ -122,11 +123,13 @@ def check_options(a):
         raise MinidamroError(f"--device must be cpu, cuda or mps, got {a.device}")
 
 
-def encode_prompt(model, tok: Tokenizer, prompt: str, system: str | None, max_new_tokens: int):
+def encode_prompt(model, tok: Tokenizer, prompt: str, system: str | None, max_new_tokens: int, image_size=None):
     """The prompt's ids (L,) on the model's device, `<image>` expanded, and how many tokens to generate:
-    at most max_new_tokens, and no more than the context has room for (a prompt it cannot hold is an error)."""
+    at most max_new_tokens, and no more than the context has room for (a prompt it cannot hold is an error).
+    `image_size` (height, width) is the image's: LLaVA-NeXT's image-token count depends on it."""
     cfg = model.cfg
-    ids = prompt_ids(tok, build_prompt(prompt, system), cfg.image_token_index, cfg.num_image_tokens)
+    ids = prompt_ids(tok, build_prompt(prompt, system, cfg.model_type), cfg.image_token_index,
+                     cfg.image_tokens(image_size))
     room = cfg.text.max_position_embeddings - len(ids)
     if room < 1:
         raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "
@@ -158,9 +161,9 @@ def run(a, out=None) -> dict:
     model = load_model(a.model, a.device, a.dtype)
     cfg = model.cfg
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
-    pixels = preprocess(image, cfg.preprocessor, pad_to_square=a.pad_square)
+    pixels, image_size = model_pixels(image, cfg, pad_to_square=a.pad_square)  # NeXT: tiles and the size
     system = system_text(a)
-    ids, max_new = encode_prompt(model, tok, a.prompt, system, a.max_new_tokens)
+    ids, max_new = encode_prompt(model, tok, a.prompt, system, a.max_new_tokens, image_size)
     names = a.compare or [a.method]
     configs = {name: method_config(a, name) for name in names}
     for name, mcfg in configs.items():  # every setting is checked before any answer starts
@@ -171,7 +174,7 @@ def run(a, out=None) -> dict:
     for name, mcfg in configs.items():
         sampler = generation.Sampler(a.temperature, a.top_p, seed, a.device)
         info, tokens = contrastive.generate(model, ids, pixels, methods.get(name), mcfg, sampler, max_new,
-                                            batched=not a.two_forwards)
+                                            batched=not a.two_forwards, image_size=image_size)
         result = {"method": name} | asdict(mcfg) | info
         if a.compare:
             shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ({} if name == "plain" else

@@ -131,7 +131,8 @@ def run(a) -> dict:
     for p in problems:
         print(f"skipped: {p}", file=sys.stderr)
 
-    from ..image import load_image, preprocess
+    from ..anyres import model_pixels
+    from ..image import load_image
     from ..llava import load_model
     from ..tokenizer import Tokenizer
     model = load_model(a.model, a.device, a.dtype)
@@ -158,9 +159,9 @@ def run(a) -> dict:
             group = [it for it in todo if it.image == image and it.id not in bad]
             if not group:
                 continue
-            pixels = preprocess(load_image(image), cfg.preprocessor, pad_to_square=a.pad_square)  # (1, 3, S, S)
-            for item_id, seed, token_ids, info in engine.answer_image(pixels, [(it.id, it.prompt) for it in group],
-                                                                         os.path.basename(image)):
+            pixels, size = model_pixels(load_image(image), cfg, a.pad_square)  # (1, 3, S, S); NeXT: tiles, size
+            prompts = [(it.id, it.prompt) for it in group]
+            for item_id, seed, token_ids, info in engine.answer_image(pixels, prompts, os.path.basename(image), size):
                 it = by_id[item_id]
                 write({"id": it.id, "image": it.image, "prompt": it.prompt, "answer": tok.decode(token_ids),
                        "token_ids": token_ids, **settings, "seed": seed, **info, "index": index[it.id],

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from .. import methods
-from ..image import load_image, preprocess
+from ..anyres import model_pixels
+from ..image import load_image
 from ..llava import load_model
 from ..tokenizer import LLAVA_V1_SYSTEM, Tokenizer
 from .data import POPE_SUFFIX
@@ -74,8 +75,9 @@ def main():
                        for j in range(a.questions)]
             for m in modes:
                 t = time.perf_counter()
-                pixels = preprocess(load_image(path), model.cfg.preprocessor)
-                answers[m] += [tokens for _, _, tokens, _ in engines[m].answer_image(pixels, prompts, os.path.basename(path))]
+                pixels, size = model_pixels(load_image(path), model.cfg)
+                answers[m] += [tokens for _, _, tokens, _ in engines[m].answer_image(pixels, prompts,
+                                                                                     os.path.basename(path), size)]
                 times[m] += time.perf_counter() - t
             print(f"image {i + 1}/{len(paths)}: " + ", ".join(f"{m} {times[m]:.1f} s" for m in modes), file=sys.stderr)
     n = a.images * a.questions

@@ -40,9 +40,10 @@ class Engine:
         self.rule = None if method.rule is None else (lambda rows: method.rule(cfg, rows))
         self.caches = None  # allocated once per run, at the longest size asked for so far
 
-    def ids(self, prompt: str):
-        cfg = self.model.cfg
-        ids = prompt_ids(self.tok, build_prompt(prompt, self.system), cfg.image_token_index, cfg.num_image_tokens)
+    def ids(self, prompt: str, image_size=None):
+        cfg = self.model.cfg  # LLaVA-NeXT: its template, and an image-token count that depends on the image size
+        ids = prompt_ids(self.tok, build_prompt(prompt, self.system, cfg.model_type), cfg.image_token_index,
+                         cfg.image_tokens(image_size))
         return torch.tensor(ids, device=self.device)
 
     def room(self, n_ids: int) -> int:
@@ -52,26 +53,27 @@ class Engine:
         seed = derived_seed(self.seed, item_id)
         return seed, Sampler(self.temperature, self.top_p, seed, self.device)
 
-    def answer_image(self, pixels, prompts: list[tuple[str, str]], image_key: str = ""):
-        """prompts: [(item id, prompt)] about one image -> yields (item id, seed, token ids, info) in order."""
+    def answer_image(self, pixels, prompts: list[tuple[str, str]], image_key: str = "", image_size=None):
+        """prompts: [(item id, prompt)] about one image -> yields (item id, seed, token ids, info) in order.
+        pixels, image_size: as anyres.model_pixels gives them (LLaVA-NeXT: tiles and the image's size)."""
         if not self.reuse:
             for item_id, prompt in prompts:
-                ids = self.ids(prompt)
+                ids = self.ids(prompt, image_size)
                 seed, sampler = self.sampler(item_id)
                 info, tokens = contrastive.generate(self.model, ids, pixels, self.method, self.cfg, sampler,
-                                                    self.room(len(ids)))
+                                                    self.room(len(ids)), image_size=image_size)
                 yield item_id, seed, list(tokens), info
         elif self.batch_questions:
-            yield from self._answer_image_batched(pixels, prompts, image_key)
+            yield from self._answer_image_batched(pixels, prompts, image_key, image_size)
         else:
-            yield from self._answer_image_reused(pixels, prompts, image_key)
+            yield from self._answer_image_reused(pixels, prompts, image_key, image_size)
 
-    def _prefix(self, pixels, prompts, image_key):
+    def _prefix(self, pixels, prompts, image_key, image_size):
         """Per image: the method's preparation, the prompts' ids, where the shared prefix ends, each stream's prefix."""
         image_token = self.model.cfg.image_token_index
         generator = torch.Generator(self.device).manual_seed(derived_seed(self.seed, "image/" + image_key))
-        prepared = self.method.prepare(self.model, pixels.to(self.device), self.cfg, generator)
-        all_ids = [self.ids(p) for _, p in prompts]
+        prepared = self.method.prepare(self.model, pixels.to(self.device), self.cfg, generator, image_size=image_size)
+        all_ids = [self.ids(p, image_size) for _, p in prompts]
         end = int((all_ids[0] == image_token).nonzero()[-1]) + 1  # the prefix: up to the end of the image run
         prefix = all_ids[0][:end]
         for ids in all_ids:  # the template puts every question after the image, so the prefix is shared
@@ -80,9 +82,9 @@ class Engine:
         return prepared, all_ids, end, prefixes
 
     @torch.inference_mode()
-    def _answer_image_reused(self, pixels, prompts, image_key):
+    def _answer_image_reused(self, pixels, prompts, image_key, image_size):
         model = self.model
-        prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key)
+        prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key, image_size)
         longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
         if self.caches is None or any(c.max_len < len(p) + longest for c, p in zip(self.caches, prefixes)):
             self.caches = [new_cache(model, len(p) + longest) for p in prefixes]
@@ -99,12 +101,12 @@ class Engine:
             yield item_id, seed, tokens, prepared.info
 
     @torch.inference_mode()
-    def _answer_image_batched(self, pixels, prompts, image_key):
+    def _answer_image_batched(self, pixels, prompts, image_key, image_size):
         """The questions of one image decoded together: one row per (question, stream), each row with its own
         cache holding a copy of its stream's prefix; one forward per step for every unfinished row.
         An experiment (--batch-questions): see the README for whether it pays on a CPU."""
         model, eos = self.model, self.model.cfg.text.eos_token_id
-        prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key)
+        prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key, image_size)
         S = len(prepared.features)
         longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
         shared = [new_cache(model, len(p)) for p in prefixes]
