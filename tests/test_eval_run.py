@@ -238,3 +238,13 @@ def test_chair_run_scores_its_captions(checkpoints, pope_set, tmp_path, capsys):
     assert [s["caption"] for s in m["sentences"]] == [r["answer"] for r in rows]
     assert rows[0]["prompt"] == "Generate a short caption of this image."
     assert set(m["overall_metrics"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"}
+
+
+def test_next_checkpoint_reuse_gives_the_per_question_answers(next_checkpoints, pope_set, tmp_path, capsys):
+    """LLaVA-NeXT: anyres tiles and an image-size-dependent prompt go through the same reuse path."""
+    ckpt = next(iter(next_checkpoints.values()))
+    method = ["--method", "damro", "--topk", "3"]
+    run_ok(capsys, pope_args(ckpt, pope_set, tmp_path / "reuse", *method))
+    run_ok(capsys, pope_args(ckpt, pope_set, tmp_path / "single", "--no-reuse", *method))
+    a, b = answers(tmp_path / "reuse" / "answers.jsonl"), answers(tmp_path / "single" / "answers.jsonl")
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b] and len(a) == 24
