@@ -8,6 +8,7 @@ nltk is needed only here and is imported lazily: a missing package or data is on
 """
 import json
 import os
+import re
 from collections import defaultdict
 
 from .. import MinidamroError
@@ -49,7 +50,8 @@ def load_nltk():
     except ImportError:
         raise MinidamroError(f"nltk is not installed. {NLTK_HELP}") from None
     except LookupError as e:
-        missing = next((line.split("'")[1] for line in str(e).splitlines() if "Resource" in line and "'" in line), "?")
+        found = re.search(r"Resource\s+(?:\x1b\[\d+m)?([\w.-]+)", str(e))  # nltk colours the name
+        missing = found.group(1) if found else "?"
         raise MinidamroError(f"nltk data '{missing}' not found. {NLTK_HELP}") from None
     return nltk, wordnet, lemmatizer
 
