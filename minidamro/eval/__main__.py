@@ -112,6 +112,8 @@ def run(a) -> dict:
         a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one device per process
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         raise MinidamroError(f"model directory {a.model} has no config.json")
+    if a.command in ("pope", "chair") and not os.path.isdir(a.images):
+        raise MinidamroError(f"--images {a.images} is not a directory")
     if a.command == "chair":  # what scoring needs, checked now rather than after hours of captions
         if not os.path.exists(a.ground_truth):
             raise MinidamroError(f"ground truth {a.ground_truth} does not exist")
