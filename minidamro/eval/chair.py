@@ -50,7 +50,7 @@ def load_nltk():
     except ImportError:
         raise MinidamroError(f"nltk is not installed. {NLTK_HELP}") from None
     except LookupError as e:
-        found = re.search(r"Resource\s+(?:\x1b\[\d+m)?([\w.-]+)", str(e))  # nltk colours the name
+        found = re.search(r"Resource\s+(?:\x1b\[\d+m)?'?([\w.-]+)", str(e))  # nltk colours (<= 3.9) or quotes it
         missing = found.group(1) if found else "?"
         raise MinidamroError(f"nltk data '{missing}' not found. {NLTK_HELP}") from None
     return nltk, wordnet, lemmatizer
