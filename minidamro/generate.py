@@ -35,12 +35,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def add_arguments(p: argparse.ArgumentParser, prompt: str, max_new_tokens: int):
-    """The options generate and analyze share."""
-    p.add_argument("image", help="an image file (any format and mode Pillow reads)")
+def add_arguments(p: argparse.ArgumentParser, prompt: str | None, max_new_tokens: int):
+    """The options generate and analyze share; with prompt None, all but the image and the prompt (eval's)."""
+    if prompt is not None:
+        p.add_argument("image", help="an image file (any format and mode Pillow reads)")
     p.add_argument("--model", default=os.environ.get("MINIDAMRO_MODEL"),
                    help="converted checkpoint directory (default: $MINIDAMRO_MODEL)")
-    p.add_argument("--prompt", default=prompt)
+    if prompt is not None:
+        p.add_argument("--prompt", default=prompt)
     p.add_argument("--system", default=None,
                    help="text put before 'USER:'; 'llava_v1' is the llava_v1 system text the DAMRO scripts use")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)

@@ -1,0 +1,243 @@
+"""python -m minidamro.eval {pope,chair,mme,score}: the paper's benchmarks, scored as the released scripts score.
+
+    python -m minidamro.eval pope --questions random popular adversarial --images val2014/ --out runs/pope-plain
+    python -m minidamro.eval chair --images val2014/ --image-list chair_images.jsonl --ground-truth annotations/ --out runs/chair
+    python -m minidamro.eval mme --data MME_Benchmark_release_version/ --out runs/mme
+    python -m minidamro.eval score runs/pope-plain          # or: score pope --questions Q.jsonl --answers A.jsonl
+
+Model, decoding and method options are generate's. Re-running a command resumes it; --shard K/N (or
+torchrun's RANK / WORLD_SIZE) answers every N-th image from K; `score RUN_DIR` merges the shards.
+"""
+import argparse
+import json
+import os
+import sys
+
+from dataclasses import asdict
+
+from .. import MinidamroError, methods
+from .. import generate as gen
+from . import chair, data, mme
+from .engine import Engine
+from .run import Progress, answers_name, check_settings, read_answers, shard_spec, write_json_atomic
+from .score import released_chair, released_pope, score_run
+
+
+def add_run_arguments(p: argparse.ArgumentParser):
+    gen.add_arguments(p, prompt=None, max_new_tokens=1024)  # the papers' max_new_tokens
+    p.set_defaults(system="llava_v1", seed=42)  # the DAMRO scripts' conversation template and seed
+    p.add_argument("--out", required=True, help="run directory (answers, settings, metrics)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="run the vision tower and the image prefix once per question, as generate does")
+    p.add_argument("--batch-questions", action="store_true",
+                   help="decode the questions of one image together, one row each (an experiment: see the README)")
+    p.add_argument("--shard", default=None, help="K/N: answer every N-th image from K (default: torchrun's "
+                                                 "RANK/WORLD_SIZE, else 0/1)")
+    p.add_argument("--skip-bad", action="store_true", help="leave out (and list) questions whose line or image "
+                                                           "is bad, instead of stopping")
+    p.add_argument("--json", action="store_true", help="print the metrics as a JSON object on the last line")
+
+
+def parse_args(argv=None):
+    p = gen.Parser(prog="python -m minidamro.eval", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=gen.Parser)
+    pp = sub.add_parser("pope", help="POPE: yes/no object questions")
+    pp.add_argument("--questions", nargs="+", required=True,
+                    help="POPE question files (JSON lines), or random / popular / adversarial for the COCO files "
+                         "shipped with minidamro")
+    pp.add_argument("--images", required=True, help="directory of the images the questions name (COCO val2014)")
+    add_run_arguments(pp)
+    pc = sub.add_parser("chair", help="CHAIR: object hallucination in captions")
+    pc.add_argument("--images", required=True)
+    pc.add_argument("--image-list", required=True, help="JSON lines {image, image_id}, or one file name per line")
+    pc.add_argument("--ground-truth", required=True, help="COCO annotation directory or OBJECTS.json")
+    add_run_arguments(pc)
+    pm = sub.add_parser("mme", help="MME yes/no questions")
+    pm.add_argument("--data", required=True, help="MME release directory (one folder per task)")
+    pm.add_argument("--tasks", default=",".join(mme.HALLUCINATION),
+                    help="comma-separated tasks, or 'all' for every task folder present (default: %(default)s)")
+    add_run_arguments(pm)
+    ps = sub.add_parser("score", help="score existing answers: RUN_DIR, or pope / chair / mme files")
+    ps.add_argument("target", help="a run directory, or pope, chair or mme")
+    ps.add_argument("--questions", nargs="+", help="pope: question files")
+    ps.add_argument("--answers", nargs="+", help="pope: answers files, one per question file")
+    ps.add_argument("--captions", help="chair: .json list or .jsonl of {image_id, caption}")
+    ps.add_argument("--ground-truth", help="chair: COCO annotation directory or OBJECTS.json")
+    ps.add_argument("--results", help="mme: directory of task.txt files")
+    ps.add_argument("--out", help="where metrics.json goes (default: beside the answers)")
+    ps.add_argument("--json", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_items(a) -> tuple[list, list]:
+    problems = []
+    if a.command == "pope":
+        items = data.pope_items(a.questions, a.images, problems)
+    elif a.command == "chair":
+        items = data.chair_items(a.image_list, a.images, problems)
+    else:
+        present = sorted(d for d in os.listdir(a.data) if os.path.isdir(os.path.join(a.data, d))) \
+            if os.path.isdir(a.data) else []
+        tasks = [t for t in mme.TASKS if t in present] + [t for t in present if t not in mme.TASKS] \
+            if a.tasks == "all" else a.tasks.split(",")
+        items = data.mme_items(a.data, tasks, problems)
+    return items, problems
+
+
+def settings_of(a, model_cfg_path: str, n_questions: int) -> dict:
+    """Everything an answer depends on (not the device, the shard or --skip-bad)."""
+    s = {"task": a.command, "model": os.path.abspath(a.model), "method": a.method, "temperature": a.temperature,
+         "top_p": a.top_p, "seed": a.seed, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
+         "pad_square": a.pad_square, "system": gen.system_text(a), "reuse": not a.no_reuse,
+         "batch_questions": a.batch_questions, "questions": n_questions}
+    s |= asdict(gen.method_config(a, a.method))  # the method's own settings (its defaults where not given)
+    if a.command == "pope":
+        s |= {"question_files": [os.path.abspath(data.pope_file(q)) for q in a.questions],
+              "images": os.path.abspath(a.images)}
+    elif a.command == "chair":
+        s |= {"image_list": os.path.abspath(a.image_list), "images": os.path.abspath(a.images),
+              "ground_truth": os.path.abspath(a.ground_truth)}
+    else:
+        s |= {"data": os.path.abspath(a.data), "tasks": a.tasks}
+    return s
+
+
+def run(a) -> dict:
+    a.prompt = ""  # the prompts come from the benchmark; generate's checks read this
+    gen.check_options(a)
+    if a.batch_questions and a.no_reuse:
+        raise MinidamroError("--batch-questions decodes rows that share the image prefix: it needs reuse (drop --no-reuse)")
+    k, n = shard_spec(a.shard)
+    if a.device.startswith("cuda") and ":" not in a.device and "LOCAL_RANK" in os.environ:
+        a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one device per process
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        raise MinidamroError(f"model directory {a.model} has no config.json")
+    if a.command in ("pope", "chair") and not os.path.isdir(a.images):
+        raise MinidamroError(f"--images {a.images} is not a directory")
+    if a.command == "chair":  # what scoring needs, checked now rather than after hours of captions
+        if not os.path.exists(a.ground_truth):
+            raise MinidamroError(f"ground truth {a.ground_truth} does not exist")
+        chair.load_nltk()
+    items, problems = load_items(a)
+    path = os.path.join(a.out, answers_name(k, n))
+    done = {o["id"] for o in read_answers(path) if "skipped" not in o}
+    mine = data.shard(items, k, n)
+    todo = [it for it in mine if it.id not in done]
+    bad = data.check_images(todo, problems)  # every image opened before the model loads
+    if problems and not a.skip_bad:
+        more = f" (and {len(problems) - 1} more; --skip-bad leaves them out)" if len(problems) > 1 else \
+            " (--skip-bad leaves it out)"
+        raise MinidamroError(problems[0] + more)
+    check_settings(a.out, settings_of(a, a.model, len(items)))  # after the checks: a typo leaves no run.json
+    read_answers(path, repair=True)  # cut a torn last line before appending
+    for p in problems:
+        print(f"skipped: {p}", file=sys.stderr)
+
+    from ..anyres import model_pixels
+    from ..image import load_image
+    from ..llava import load_model
+    from ..tokenizer import Tokenizer
+    model = load_model(a.model, a.device, a.dtype)
+    cfg = model.cfg
+    tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
+    method, mcfg = methods.get(a.method), gen.method_config(a, a.method)
+    method.check(model, mcfg)
+    engine = Engine(model, tok, method, mcfg, gen.system_text(a), a.max_new_tokens, a.temperature, a.top_p, a.seed,
+                    reuse=not a.no_reuse, batch_questions=a.batch_questions)
+    settings = {"method": a.method, **asdict(mcfg), "temperature": a.temperature, "top_p": a.top_p,
+                "max_new_tokens": a.max_new_tokens, "reuse": not a.no_reuse, "batch_questions": a.batch_questions}
+    label = f"{a.command}" + (f" shard {k}/{n}" if n > 1 else "")
+    progress = Progress(len(mine), len(mine) - len(todo), label)
+    by_id = {it.id: it for it in todo}
+    with open(path, "a", encoding="utf-8") as f:
+        def write(obj):
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            f.flush()  # a killed run loses at most the line being written
+        for it in todo:
+            if it.id in bad:
+                write({"id": it.id, "image": it.image, "skipped": "bad image or question", **it.meta})
+        index = {it.id: i for i, it in enumerate(items)}
+        for image in data.images_in_order(mine):  # the order of a whole run, so a resumed file is the same file
+            group = [it for it in todo if it.image == image and it.id not in bad]
+            if not group:
+                continue
+            pixels, size = model_pixels(load_image(image), cfg, a.pad_square)  # (1, 3, S, S); NeXT: tiles, size
+            prompts = [(it.id, it.prompt) for it in group]
+            for item_id, seed, token_ids, info in engine.answer_image(pixels, prompts, os.path.basename(image), size):
+                it = by_id[item_id]
+                write({"id": it.id, "image": it.image, "prompt": it.prompt, "answer": tok.decode(token_ids),
+                       "token_ids": token_ids, **settings, "seed": seed, **info, "index": index[it.id],
+                       **it.meta})
+                progress.step()
+    progress.step(final=True)
+    try:
+        return score_run(a.out)
+    except MinidamroError as e:
+        if n > 1:
+            print(f"shard {k}/{n} done; `python -m minidamro.eval score {a.out}` once every shard has finished "
+                  f"({e})", file=sys.stderr)
+            return {}
+        raise
+
+
+def score(a) -> dict:
+    t = a.target
+    if t == "pope":
+        if not a.questions or not a.answers:
+            raise MinidamroError("score pope needs --questions and --answers")
+        metrics, where = released_pope(a.questions, a.answers), os.path.dirname(os.path.abspath(a.answers[0]))
+    elif t == "chair":
+        if not a.captions or not a.ground_truth:
+            raise MinidamroError("score chair needs --captions and --ground-truth")
+        metrics, where = released_chair(a.captions, a.ground_truth), os.path.dirname(os.path.abspath(a.captions))
+    elif t == "mme":
+        if not a.results:
+            raise MinidamroError("score mme needs --results")
+        metrics, where = mme.score_results_dir(a.results), a.results
+    elif os.path.isdir(t):
+        metrics = score_run(t)
+        if a.out:
+            os.makedirs(a.out, exist_ok=True)
+            write_json_atomic(os.path.join(a.out, "metrics.json"), metrics, indent=1)
+        return metrics
+    else:
+        raise MinidamroError(f"score: {t} is not pope, chair, mme or a run directory")
+    where = a.out or where
+    os.makedirs(where, exist_ok=True)
+    write_json_atomic(os.path.join(where, "metrics.json"), metrics, indent=1)
+    return metrics
+
+
+def summary(command: str, m: dict) -> str:
+    if not m:
+        return ""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = []
+    if "overall_metrics" in m:
+        lines.append("  ".join(f"{k} {pct(m[k]) if k != 'Len' else ('n/a' if m[k] is None else f'{m[k]:.2f}')}"
+                               for k in ("CHAIRs", "CHAIRi", "Recall", "Len")))
+    elif "tasks" in m:
+        for t, v in m["tasks"].items():
+            points = "n/a" if v["score"] is None else f"{v['score']:.2f}"
+            lines.append(f"{t:24s} acc {pct(v['acc'])}  acc+ {pct(v['acc_plus'])}  score {points}")
+        lines.append(f"{'total':24s} {m['total']:.2f}")
+    else:
+        for stem, rules in m.items():
+            if isinstance(rules, dict) and "damro" in rules:
+                for rule, v in rules.items():
+                    lines.append(f"{stem} [{rule}]: accuracy {pct(v['accuracy'])}  precision {pct(v['precision'])}  "
+                                 f"recall {pct(v['recall'])}  f1 {pct(v['f1'])}  yes {pct(v['yes_ratio'])}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    metrics = gen.guarded(score if a.command == "score" else run, a)
+    if metrics and not a.json:
+        print(summary(a.command, metrics))
+    if a.json:
+        print(json.dumps(metrics, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
