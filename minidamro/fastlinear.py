@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import MinidamroError
+from .capture import eager_attention
 
 ENV = "MINIDAMRO_LINEAR"
 MAX_ROWS = 2          # decode: 1 row plain, 2 rows DAMRO / VCD (both streams in one read of the weights)
@@ -168,3 +169,87 @@ class Linear(nn.Linear):
         if self.packed is not None:
             return _packed(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------- one-query attention (decode)
+# A decode step attends one query over the whole KV cache. torch's fused SDPA kernel is not always the fastest
+# way: on a 2-core AMD Zen 5 (torch 2.13, one thread) one 7B-shaped layer (32 heads x 128, 600 positions) took
+# ~3.4 ms in bfloat16 with SDPA against ~0.7-1.7 ms with transformers' eager formulation (two batched matmuls
+# and a float32 softmax), while in float32 SDPA was the faster (~0.7-1.4 ms against ~1.8-2.3). So, as for the
+# linears, the first decode step of a (dtype, heads, kv heads, head_dim, threads) times both on scratch tensors
+# laid out as a cache of MEASURE_POSITIONS positions (~40 ms once at the 7B shape, a few ms at smaller ones),
+# keeps the faster for the process, and MINIDAMRO_ATTENTION=sdpa|eager forces one. "eager" computes exactly
+# transformers' eager attention (its bits equal HF eager's), "sdpa" exactly HF's SDPA call.
+ATTENTION_ENV = "MINIDAMRO_ATTENTION"
+ATTENTION_FORMS = ("sdpa", "eager")
+MEASURE_POSITIONS = 768  # a representative cache: LLaVA-1.5's 576 image tokens, a prompt and an answer
+
+
+def _attend_sdpa(q, k, v, scratch=None):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _attend_eager(q, k, v, scratch=None):
+    """k and v are first copied into `scratch` (2, >= H S d), contiguous, each k/v head repeated for its group
+    of H / Hkv query heads as transformers' repeat_kv does (so the matmuls see HF's own operands; a grouped
+    matmul without the repeat sums in another order, and its float32 bits differ from HF eager's). Contiguous
+    matters: a KVCache slice has its heads max_len positions apart, and torch's bfloat16 batched matmul over
+    such strides took 1.7 ms per 7B layer for q k^T on the Zen 5 machine against 0.13 ms contiguous. And a
+    reused scratch matters: fresh 5 MB copies per layer were page-faulted in again on most calls (0.7 -> 1-5 ms)."""
+    _, Hkv, S, d = k.shape
+    H = q.shape[1]
+    if scratch is None:
+        scratch = torch.empty(2, H * S * d, dtype=k.dtype, device=k.device)
+    kc, vc = scratch[:, :H * S * d].view(2, Hkv, H // Hkv, S, d).unbind()
+    kc.copy_(k[0, :, None].expand_as(kc))  # (Hkv, rep, S, d): head h of the result is kv head h // rep
+    vc.copy_(v[0, :, None].expand_as(vc))
+    return eager_attention(q, kc.view(1, H, S, d), vc.view(1, H, S, d))[0]  # the probabilities are not kept
+
+
+ATTEND = {"sdpa": _attend_sdpa, "eager": _attend_eager}
+
+
+def forced_attention() -> str | None:
+    """The formulation MINIDAMRO_ATTENTION forces, None for "auto" / unset; an unknown name is an error."""
+    name = os.environ.get(ATTENTION_ENV, "auto")
+    if name == "auto":
+        return None
+    if name not in ATTENTION_FORMS:
+        raise MinidamroError(f"{ATTENTION_ENV}={name!r}: must be auto, sdpa or eager")
+    return name
+
+
+def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions: int = MEASURE_POSITIONS,
+                      reps: int = 5) -> dict[str, float]:
+    """Seconds per call of each formulation for one query over `positions` cached keys, the best of `reps`
+    interleaved calls after one warm-up call each. k and v are laid out as a KVCache's: slices of a buffer of
+    more positions (the speed depends on the strides)."""
+    q = torch.ones(1, heads, 1, head_dim, dtype=dtype)  # the values do not change the speed
+    k, v = torch.ones(2, 1, kv_heads, positions + 64, head_dim, dtype=dtype)[:, :, :, :positions]
+    scratch = torch.zeros(2, heads * positions * head_dim, dtype=dtype)  # written: real pages, as a reused one
+    for f in ATTEND.values():
+        f(q, k, v, scratch)
+    best = {}
+    for _ in range(reps):
+        for name, f in ATTEND.items():
+            t = time.perf_counter()
+            f(q, k, v, scratch)
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+    return best
+
+
+def attention(q, k, v, scratch=None):
+    """softmax(q k^T / sqrt(d)) v for one new query: q (1, H, 1, d), k, v (1, Hkv, S, d) -> (1, H, 1, d), with
+    SDPA or the eager formulation, whichever is faster here (CPU only; other devices take SDPA). scratch: room
+    for the eager form's contiguous k and v (2, >= H S d), reused across calls (KVCache.scratch)."""
+    name = forced_attention()
+    if name is None:
+        if q.device.type != "cpu":
+            name = "sdpa"
+        else:
+            key = ("attention", q.dtype, q.shape[1], k.shape[1], q.shape[-1], torch.get_num_threads())
+            if key not in _chosen:
+                t = measure_attention(q.dtype, q.shape[1], k.shape[1], q.shape[-1])
+                _chosen[key] = min(t, key=t.get)
+            name = _chosen[key]
+    return ATTEND[name](q, k, v, scratch)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .capture import Capture, eager_attention
-from .fastlinear import Linear
+from .fastlinear import Linear, attention
 
 
 @dataclass
@@ -50,7 +50,8 @@ class KVCache:
 
     k, v: (num_layers, num_kv_heads, max_len, head_dim); `length` positions are filled. The next token
     written goes to position `length`, which is also its RoPE position. cos, sin: (max_len, head_dim), the
-    rotation of every position the cache can hold, computed once here rather than at every step.
+    rotation of every position the cache can hold, computed once here rather than at every step. scratch:
+    (2, num_attention_heads * max_len * head_dim), see below.
     """
 
     def __init__(self, cfg: TextConfig, max_len: int, device=None, dtype=torch.float32):
@@ -58,6 +59,9 @@ class KVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta, dtype)
+        # One layer's keys and values copied contiguous (heads repeated for GQA), reused by every layer when a
+        # decode step takes the eager formulation (fastlinear.attention); never touched, so not resident, otherwise.
+        self.scratch = torch.empty(2, cfg.num_attention_heads * max_len * cfg.head_dim, device=device, dtype=dtype)
         self.length = 0
 
     @property
@@ -112,6 +116,8 @@ class LlamaAttention(nn.Module):
                 keys, values = keys.repeat_interleave(rep, 0), values.repeat_interleave(rep, 0)
                 y, probs = eager_attention(qb, keys[None], values[None], masks[b])
                 capture.llm_attn.setdefault(layer, []).append(probs[0])
+            elif T == 1:  # decode: SDPA or the eager formulation, whichever is faster on this machine
+                y = attention(qb, keys[None], values[None], cache.scratch)
             else:
                 y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=masks[b],
                                                    enable_gqa=self.n_kv != self.n_heads)

@@ -198,6 +198,7 @@ def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
     """Build the model on the meta device and assign the memory-mapped weights: no second copy on the CPU
     when the stored dtype is the one asked for (otherwise each tensor is converted once)."""
     fastlinear.forced()  # a wrong MINIDAMRO_LINEAR is an error now, not at the first token
+    fastlinear.forced_attention()  # and so is a wrong MINIDAMRO_ATTENTION
     cfg = read_config(model_dir)
     dtype = DTYPES[dtype or cfg.torch_dtype]
     with torch.device("meta"):

@@ -2,7 +2,8 @@
 
 In half precision the order of summation shows, so each path is compared with the HF path that runs the
 same operations: minidamro's fast path (SDPA) with HF's SDPA, its capturing path with HF's eager attention,
-and each pair must agree bit for bit (torch.equal). That is a claim about the operations, not about one
+and each pair must agree bit for bit (torch.equal). A decode step of the fast path may take either SDPA or
+the eager formulation (measured, minidamro.fastlinear.attention), so each test forces the one it compares. That is a claim about the operations, not about one
 CPU: both models run in one process, and torch picks a CPU kernel (BLAS / oneDNN routine, vector width,
 blocking, thread split) from the operation, dtype, shapes, strides, data alignment (torch's allocator's
 64 bytes for both here: the weights are converted on loading) and the machine, never from the caller. So
@@ -24,7 +25,7 @@ from PIL import Image
 
 import tiny
 import tolerance
-from minidamro import damro, generation
+from minidamro import damro, fastlinear, generation
 from minidamro.capture import Capture
 from minidamro.image import preprocess
 from minidamro.llama import KVCache
@@ -81,12 +82,39 @@ def test_half_precision_matches_transformers(name, dtype, setups):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", tiny.CONFIGS)
-def test_half_precision_greedy_tokens_match_transformers(name, dtype, setups):
+def test_half_precision_greedy_tokens_match_transformers(name, dtype, setups, monkeypatch):
+    """The fast path with SDPA forced for decode steps too (whatever auto would measure) against HF SDPA."""
+    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "sdpa")
     hf, model, ids, pixels = setups(name, dtype)
     with torch.no_grad():
         expected = hf["sdpa"].generate(input_ids=ids[None], pixel_values=pixels, do_sample=False,
                                        max_new_tokens=20)[0, len(ids):].tolist()
     assert list(generation.generate(model, ids, pixels, generation.Sampler(), 20)) == expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", tiny.CONFIGS)
+def test_half_precision_eager_decode_steps_match_transformers_eager(name, dtype, setups, monkeypatch):
+    """Decode steps of the fast path with the eager formulation forced, bit for bit against HF eager's: the
+    prompt goes through the capturing path (eager, as HF eager's prefill), then each step captures nothing."""
+    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "eager")
+    hf, model, ids, pixels = setups(name, dtype)
+    n = 12
+    with torch.no_grad():
+        out = hf["eager"].generate(input_ids=ids[None], pixel_values=pixels, do_sample=False, max_new_tokens=n,
+                                   min_new_tokens=n, output_logits=True, return_dict_in_generate=True)
+    expected = out.sequences[0, len(ids):].tolist()
+    capture = Capture(vit_layers=tuple(range(len(model.vision_tower.encoder.layers))),
+                      llm_layers=tuple(range(model.cfg.text.num_hidden_layers)))
+    cache = KVCache(model.cfg.text, len(ids) + n, dtype=DTYPES[dtype])
+    logits = generation.prefill(model, model.embed(ids, model.encode_image(pixels, capture)[0]), cache, capture)
+    got = []
+    for step in range(n):
+        assert torch.equal(logits, out.logits[step][0].float()), f"step {step}: logits differ from HF eager's"
+        got.append(int(logits.argmax()))
+        if step + 1 < n:
+            logits = generation.decode_step(model, torch.tensor(got[-1:]), [cache])[0]
+    assert got == expected
 
 
 @pytest.mark.parametrize("name", tiny.CONFIGS)

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import tiny
+import tolerance
 from minidamro import MinidamroError, fastlinear
+from minidamro.capture import eager_attention
 from minidamro.generation import Sampler, generate
 from minidamro.image import preprocess
 from minidamro.llama import KVCache
@@ -110,3 +112,68 @@ def test_forced_formulations_keep_greedy_tokens_equal_to_transformers(name, monk
         features = model.encode_image(pixels)[0]
         got = greedy_rows(model, [(image_ids, features), (text_ids, features[:0])], n)  # two rows
     assert got == expected
+
+
+# ---------------------------------------------------------------- one-query attention (decode steps)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (6, 3)])
+def test_both_attention_formulations_are_one_query_attention_within_the_rounding_bound(heads, kv_heads):
+    g = torch.Generator().manual_seed(heads + kv_heads)
+    q = torch.randn(1, heads, 1, 16, generator=g)
+    buf = torch.randn(2, kv_heads, 90, 16, generator=g)  # the cache: 77 of 90 positions filled, as in a KVCache
+    k, v = buf[0, :, :77][None], buf[1, :, :77][None]
+    rep = heads // kv_heads
+    k64, v64 = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    exact = torch.softmax(q.double() @ k64.transpose(-1, -2) / 4, -1) @ v64
+    sdpa, eager = fastlinear._attend_sdpa(q, k, v), fastlinear._attend_eager(q, k, v)
+    assert sdpa.shape == eager.shape == (1, heads, 1, 16)
+    # two summation orders of one computation: within the bound of tests/tolerance.py (C x SDPA's measured
+    # rounding error + 2u|y*|); a wrong scale, head mapping or softmax axis is off by far more
+    tolerance.assert_close(eager, sdpa, exact, f"eager vs SDPA one-query attention, {heads}/{kv_heads} heads")
+    # the eager form is transformers' eager attention: k/v repeated per group, then capture.eager_attention
+    assert torch.equal(eager, eager_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))[0])
+
+
+def test_an_unknown_attention_formulation_is_an_error(monkeypatch, checkpoints):
+    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "flash")
+    with pytest.raises(MinidamroError, match="MINIDAMRO_ATTENTION='flash'"):
+        load_model(checkpoints["mha"])
+
+
+@pytest.mark.parametrize("name", ["auto", *fastlinear.ATTENTION_FORMS])
+def test_attention_choice_keeps_greedy_tokens_equal_to_transformers(name, monkeypatch, hf_checkpoints, checkpoints):
+    """auto measures once per (dtype, heads, kv heads, head_dim, threads) and picks sdpa or eager; forced or
+    measured, float32 greedy tokens (one row and two rows) equal transformers'."""
+    from transformers import LlavaForConditionalGeneration
+    monkeypatch.setenv(fastlinear.ATTENTION_ENV, name)
+    monkeypatch.setattr(fastlinear, "_chosen", {})
+    calls = []
+    real = fastlinear.measure_attention
+    monkeypatch.setattr(fastlinear, "measure_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    n = 12
+    hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoints["gqa"], dtype=torch.float32).eval()
+    model = load_model(checkpoints["gqa"])
+    model.cfg.text.eos_token_id = -1  # as min_new_tokens: compare all n tokens
+    c = model.cfg
+    pixels = preprocess(random_image(3), c.preprocessor)
+    image_ids = torch.tensor([1, 5, 6] + [c.image_token_index] * c.num_image_tokens + list(range(10, 30)))
+    text_ids = torch.tensor([1] + list(range(40, 75)))
+    with torch.no_grad():
+        expected = [hf.generate(input_ids=image_ids[None], pixel_values=pixels, do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n)[0, len(image_ids):].tolist(),
+                    hf.generate(input_ids=text_ids[None], do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n)[0, len(text_ids):].tolist()]
+    assert list(generate(model, image_ids, pixels, Sampler(), n)) == expected[0]
+    with torch.inference_mode():
+        features = model.encode_image(pixels)[0]
+        assert greedy_rows(model, [(image_ids, features), (text_ids, features[:0])], n) == expected
+    chosen = {k: v for k, v in fastlinear._chosen.items() if k[0] == "attention"}
+    if name == "auto":
+        t = c.text
+        assert calls == [(torch.float32, t.num_attention_heads, t.num_key_value_heads, t.head_dim)]
+        assert list(chosen) == [("attention", torch.float32, t.num_attention_heads, t.num_key_value_heads,
+                                 t.head_dim, torch.get_num_threads())]
+        assert list(chosen.values())[0] in fastlinear.ATTENTION_FORMS
+    else:
+        assert calls == [] and chosen == {}
