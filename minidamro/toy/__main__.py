@@ -2,6 +2,7 @@
 
     python -m minidamro.toy train --out checkpoints/toy      # a tiny LLaVA from scratch (CPU, minutes)
     python -m minidamro.toy eval                             # the lab: POPE-style splits + captions, per method
+    python -m minidamro.toy render --out scenes/ --count 8   # images of the world with their ground truth
 """
 import argparse
 import json
@@ -51,10 +52,11 @@ def cmd_train(a):
     import torch
     if os.path.exists(a.out) and not a.force:
         raise MinidamroError(f"{a.out} exists; pass --force to replace it")
-    tc = T.TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads)
+    tc = T.TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, turns=a.turns,
+                       vit_steps=a.vit_steps, init=a.init or "")
     with tempfile.TemporaryDirectory() as work:
         start = time.time()
-        model, tok, tok_file, losses = T.train(tc, work)
+        model, tok, tok_file, losses = T.train(tc, work, save_every=a.save_every, save_to=a.out)
         minutes = (time.time() - start) / 60
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
         T.save_checkpoint(model, tok_file, a.out, dtype, extra={"train": vars(tc) | {"minutes": round(minutes, 1)}})
@@ -88,6 +90,30 @@ def cmd_eval(a):
         print(json.dumps(result, separators=(",", ":")))
 
 
+def cmd_render(a):
+    """Images of the world with their ground truth: DIR/toy-SEED-I.png and DIR/truth.jsonl."""
+    import random
+    from dataclasses import asdict
+    from . import world
+    if not 1 <= a.count <= 10000:
+        raise MinidamroError(f"--count must be in 1..10000, got {a.count}")
+    os.makedirs(a.out, exist_ok=True)
+    rng, lines = random.Random(a.seed), []
+    for i in range(a.count):
+        scene = world.sample_scene(rng, probe=a.probe)
+        name = f"toy-{a.seed}-{i}.png"
+        path = os.path.join(a.out, name)
+        world.render(scene).save(path + ".tmp", format="PNG")
+        os.replace(path + ".tmp", path)
+        lines.append(json.dumps({"image": name, "caption": world.caption(scene),
+                                 "objects": [asdict(o) | {"position": o.position} for o in scene.objects]}))
+    path = os.path.join(a.out, "truth.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {a.count} images and truth.jsonl to {a.out}", file=sys.stderr)
+
+
 def main(argv=None):
     p = Parser(prog="python -m minidamro.toy", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -101,6 +127,10 @@ def main(argv=None):
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=d.threads)
+    t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1 steps (the ViT alone); 0 skips it")
+    t.add_argument("--init", default=None, help="continue from this checkpoint instead of from scratch")
+    t.add_argument("--turns", choices=("multi", "single"), default=d.turns)
+    t.add_argument("--save-every", type=int, default=0, help="also save OUT-stepN every N steps (0: only at the end)")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored weights")
     e = sub.add_parser("eval", help="the hallucination lab: POPE-style splits and captions, per decoding method")
     e.add_argument("--model", default=MODEL_DIR, help="checkpoint (default: the shipped toy model)")
@@ -115,11 +145,16 @@ def main(argv=None):
     e.add_argument("--topk", type=int, default=dd.topk)
     e.add_argument("--threads", type=int, default=1, help="torch threads (1: the model is too small to share)")
     e.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    r = sub.add_parser("render", help="draw scenes of the world, with their ground truth")
+    r.add_argument("--out", required=True, help="directory for the PNGs and truth.jsonl")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--count", type=int, default=8)
+    r.add_argument("--probe", action="store_true", help="probe scenes: an anchor without its planted partner")
     a = p.parse_args(argv)
     if a.cmd == "eval" and a.methods is None:
         from .lab import METHODS
         a.methods = list(METHODS)
-    guarded({"train": cmd_train, "eval": cmd_eval}[a.cmd], a)
+    guarded({"train": cmd_train, "eval": cmd_eval, "render": cmd_render}[a.cmd], a)
 
 
 if __name__ == "__main__":

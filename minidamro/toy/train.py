@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sentencepiece as spm
 import torch
@@ -43,8 +43,8 @@ SP_PIECES = 512  # sentencepiece vocabulary: 259 byte-fallback and control piece
 
 @dataclass
 class TrainConfig:
-    steps: int = 800
-    batch: int = 24           # scenes per step (each a multi-turn conversation)
+    steps: int = 300
+    batch: int = 48           # scenes per step
     lr: float = 2e-3          # AdamW peak learning rate, after a linear warm-up
     warmup: int = 60
     weight_decay: float = 0.05
@@ -52,6 +52,12 @@ class TrainConfig:
     vit: tuple = (4, 128, 4)  # ViT layers, width, heads (LLaVA's: 24, 1024, 16)
     llm: tuple = (4, 192, 6)  # LLaMA layers, width, heads (Vicuna-7B: 32, 4096, 32)
     threads: int = 2
+    turns: str = "single"     # "multi": a conversation per scene; "single": one question per scene
+    vit_steps: int = 1500     # stage 1: the ViT alone, as CLIP is trained before LLaVA (0: skip)
+    vit_batch: int = 64
+    vit_lr: float = 3e-3
+    freeze_vit: bool = True   # stage 2 trains the projector and the LLM, the ViT frozen (LLaVA-1.5's recipe)
+    init: str = ""            # continue from this checkpoint (its weights and tokenizer) instead of from scratch
 
 
 def model_config(tc: TrainConfig, sp_size: int) -> LlavaConfig:
@@ -115,13 +121,14 @@ def encode_conversation(tok: Tokenizer, cfg: LlavaConfig, turns) -> tuple[list[i
     return expanded, targets[1:] + [-100]
 
 
-def batch(tok, cfg, rng: random.Random, n: int):
+def batch(tok, cfg, rng: random.Random, n: int, turns: str = "multi"):
     """n scenes of the training world -> pixels (n, 3, S, S), ids (n, T), targets (n, T) (right-padded)."""
     pixels, rows = [], []
     for _ in range(n):
         scene = world.sample_scene(rng)
         pixels.append(preprocess(world.render(scene), cfg.preprocessor))
-        rows.append(encode_conversation(tok, cfg, world.conversation(rng, scene)))
+        talk = world.conversation(rng, scene) if turns == "multi" else world.single_turn(rng, scene)
+        rows.append(encode_conversation(tok, cfg, talk))
     T = max(len(r[0]) for r in rows)
     pad = cfg.special_tokens["<pad>"]
     ids = torch.tensor([r[0] + [pad] * (T - len(r[0])) for r in rows])
@@ -177,6 +184,54 @@ def loss_fn(model, pixels, ids, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
+# ---------------------------------------------------------------------------- stage 1: the vision tower
+
+def patch_labels(scene: world.Scene, grid: int, patch: int) -> torch.Tensor:
+    """(grid * grid,) the kind index + 1 covering most of each patch (>= 15% of its pixels), 0 = background."""
+    label = torch.zeros(world.SIZE, world.SIZE, dtype=torch.long)
+    for o in scene.objects:
+        m = world.shape_mask(o.kind, o.side)
+        inside = torch.tensor(list(m.getdata()), dtype=torch.bool).view(o.side, o.side)
+        label[o.y:o.y + o.side, o.x:o.x + o.side][inside] = world.KINDS.index(o.kind) + 1
+    counts = F.one_hot(label, len(world.KINDS) + 1).view(grid, patch, grid, patch, -1).sum((1, 3))  # (g, g, K+1)
+    counts[..., 0] = 0
+    best = counts.argmax(-1)
+    return torch.where(counts.amax(-1) >= 0.15 * patch * patch, best, 0).flatten()
+
+
+def pretrain_vit(model: Llava, tc: TrainConfig, rng: random.Random, log, every: int = 25):
+    """Stage 1, the toy's stand-in for CLIP's pre-training: the ViT learns to see the world's objects from
+    direct labels, at the hidden state LLaVA reads: its [CLS] token predicts which kinds are in the image
+    (multi-label, as CLIP's [CLS] embedding summarises an image), each patch token which kind covers it.
+    The two linear heads are thrown away afterwards, as CLIP's projection is by LLaVA."""
+    vt, v = model.vision_tower, model.cfg.vision
+    grid, K = world.SIZE // v.patch_size, len(world.KINDS)
+    heads = nn.ModuleDict({"cls": nn.Linear(v.hidden_size, K), "patch": nn.Linear(v.hidden_size, K + 1)})
+    norm = nn.LayerNorm(v.hidden_size)  # CLIP's post_layernorm plays this part before its projection
+    params = list(vt.parameters()) + list(heads.parameters()) + list(norm.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.vit_lr, betas=(0.9, 0.98), weight_decay=tc.weight_decay)
+    window, start = [], time.time()
+    for step in range(tc.vit_steps):
+        scenes = [world.sample_scene(rng) for _ in range(tc.vit_batch)]
+        pixels = torch.cat([preprocess(world.render(s), model.cfg.preprocessor) for s in scenes])
+        present = torch.tensor([[float(k in s.kinds) for k in world.KINDS] for s in scenes])
+        patches = torch.stack([patch_labels(s, grid, v.patch_size) for s in scenes])
+        h = norm(vt(pixels))                                                 # (B, 1 + N, D)
+        loss = (F.binary_cross_entropy_with_logits(heads["cls"](h[:, 0]), present)
+                + F.cross_entropy(heads["patch"](h[:, 1:]).flatten(0, 1), patches.flatten()))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, replace(tc, steps=tc.vit_steps, lr=tc.vit_lr))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        window.append(loss.item())
+        if (step + 1) % every == 0 or step + 1 == tc.vit_steps:
+            print(f"vit step {step + 1:4d}/{tc.vit_steps}  loss {sum(window) / len(window):.4f}  "
+                  f"{time.time() - start:6.0f} s", file=log, flush=True)
+            window = []
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -187,27 +242,42 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(tc: TrainConfig, workdir: str, log=sys.stderr, every: int = 25):
+def train(tc: TrainConfig, workdir: str, log=sys.stderr, every: int = 25, save_every: int = 0, save_to: str = ""):
     """Train; returns (model, tokenizer, losses). `workdir` receives the tokenizer files."""
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    tok_file = train_tokenizer(os.path.join(workdir, "tokenizer"), tc.seed)
-    sp_size = spm.SentencePieceProcessor(model_file=tok_file).get_piece_size()
-    cfg = model_config(tc, sp_size)
+    if tc.init:  # a second session of training: same tokenizer, same architecture, its weights as the start
+        from ..llava import load_model
+        tok_file = os.path.join(workdir, "tokenizer.model")
+        shutil.copyfile(os.path.join(tc.init, "tokenizer.model"), tok_file)
+        model = load_model(tc.init, dtype="float32")
+        cfg = model.cfg
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # own the memory
+        model.requires_grad_(True)
+    else:
+        tok_file = train_tokenizer(os.path.join(workdir, "tokenizer"), tc.seed)
+        sp_size = spm.SentencePieceProcessor(model_file=tok_file).get_piece_size()
+        cfg = model_config(tc, sp_size)
+        model = Llava(cfg)
+        init_weights(model, tc.seed)
     tok = Tokenizer(tok_file, cfg.special_tokens)
-    model = Llava(cfg)
-    init_weights(model, tc.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    rng = random.Random(tc.seed + 1)  # the scene stream (the evaluation uses other seeds; --init: pass a new seed)
+    if tc.vit_steps:
+        print(f"stage 1: the ViT, {tc.vit_steps} steps of {tc.vit_batch} scenes", file=log, flush=True)
+        pretrain_vit(model, tc, rng, log)
+    if tc.freeze_vit:
+        model.vision_tower.requires_grad_(False)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trained if not (p.dim() >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.98))
-    rng = random.Random(tc.seed + 1)  # the scene stream (the evaluation uses other seeds)
     print(f"training {n_params / 1e6:.2f}M parameters, {tc.steps} steps of {tc.batch} scenes", file=log, flush=True)
     losses, start, window = [], time.time(), []
     model.train()
     for step in range(tc.steps):
-        pixels, ids, targets = batch(tok, cfg, rng, tc.batch)
+        pixels, ids, targets = batch(tok, cfg, rng, tc.batch, tc.turns)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
         loss = loss_fn(model, pixels, ids, targets)
@@ -222,6 +292,8 @@ def train(tc: TrainConfig, workdir: str, log=sys.stderr, every: int = 25):
             print(f"step {step + 1:5d}/{tc.steps}  loss {sum(window) / len(window):.4f}  lr {lr_at(step, tc):.2e}  "
                   f"{elapsed:6.0f} s  (eta {elapsed / (step + 1) * (tc.steps - step - 1):.0f} s)", file=log, flush=True)
             window = []
+        if save_every and (step + 1) % save_every == 0 and step + 1 < tc.steps:
+            save_checkpoint(model, tok_file, f"{save_to}-step{step + 1}")
     return model.eval().requires_grad_(False), tok, tok_file, losses
 
 
