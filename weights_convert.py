@@ -1,4 +1,4 @@
-"""Convert a Hugging Face LLaVA-1.5 checkpoint directory into a minidamro one.
+"""Convert a Hugging Face LLaVA-1.5 or LLaVA-NeXT (1.6) checkpoint directory into a minidamro one.
 
     python weights_convert.py llava-1.5-7b-hf checkpoints/llava-1.5-7b [--dtype float16] [--force]
 
@@ -23,7 +23,7 @@ from sentencepiece import SentencePieceProcessor
 from minidamro import MinidamroError
 from minidamro.image import LLAVA_PREPROCESSOR
 from minidamro.llama import TextConfig
-from minidamro.llava import DTYPES, Llava, LlavaConfig, check_state_dict
+from minidamro.llava import DTYPES, MODEL_TYPES, Llava, LlavaConfig, check_state_dict
 from minidamro.vision import VisionConfig
 
 # Source prefix -> minidamro prefix, first match wins. Three layouts: the hub's (transformers v4), v5's
@@ -38,6 +38,7 @@ PREFIXES = [
     ("model.language_model.", "language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("lm_head.", "lm_head."),
+    ("model.image_newline", "image_newline"),  # NeXT; the other two layouts store it as `image_newline`
 ]
 BUFFERS = (".position_ids", ".inv_freq")  # saved by some versions, not weights
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -77,9 +78,15 @@ def read_json(path: str) -> dict:
     return d
 
 
+# LlavaNextConfig's default canvases (height, width), those of llava-v1.6: 1x2, 2x1, 2x2, 1x3, 3x1 tiles of 336.
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
 def build_config(hf: dict, path: str) -> LlavaConfig:
-    if hf.get("model_type") != "llava":
-        raise MinidamroError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'llava', LLaVA-1.5)")
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise MinidamroError(f"{path}: model_type {model_type!r} is not supported (only 'llava', LLaVA-1.5, and "
+                             "'llava_next', LLaVA-NeXT)")
     vision_defaults = LLAVA_VISION if hf.get("vision_config") is None else CLIP_VISION
     vc, tc = hf.get("vision_config") or {}, hf.get("text_config") or {}
     vision = {k: get(vc, k, v) for k, v in vision_defaults.items()}
@@ -110,11 +117,15 @@ def build_config(hf: dict, path: str) -> LlavaConfig:
     sizes = [(k, v) for part in (vision, text) for k, v in part.items()
              if k.endswith(("_size", "_layers", "_heads", "num_channels", "head_dim"))]
     unsupported += [f"{k} {v!r}" for k, v in sizes if type(v) is not int or v < 1]  # widths, counts: positive
+    pinpoints = get(hf, "image_grid_pinpoints", NEXT_PINPOINTS) if model_type == "llava_next" else []
+    if model_type == "llava_next":
+        unsupported += next_unsupported(pinpoints, strategy, vision["image_size"])
     if unsupported:
         raise MinidamroError(f"{path}: unsupported " + ", ".join(unsupported))
     cfg = LlavaConfig(vision=VisionConfig(**vision), text=TextConfig(**text),
                       image_token_index=get(hf, "image_token_index", get(hf, "image_token_id", 32000)),
-                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                      model_type=model_type, image_grid_pinpoints=[list(p) for p in pinpoints])
     try:
         cfg.feature_hidden_index
     except ValueError as e:
@@ -122,6 +133,21 @@ def build_config(hf: dict, path: str) -> LlavaConfig:
     if not 0 <= cfg.image_token_index < cfg.text.vocab_size:
         raise MinidamroError(f"{path}: image_token_index {cfg.image_token_index} is outside the vocabulary")
     return cfg
+
+
+def next_unsupported(pinpoints, strategy: str, tile) -> list[str]:
+    """What LLaVA-NeXT's packing cannot run: canvases that are not whole tiles, or [CLS] kept as a feature
+    (577 features per tile do not form a square grid; transformers cannot run it either)."""
+    def whole_tiles(p):
+        return (isinstance(p, (list, tuple)) and len(p) == 2 and type(tile) is int and tile > 0
+                and all(type(x) is int and x > 0 and x % tile == 0 for x in p))
+    out = []
+    if not isinstance(pinpoints, list) or not pinpoints or not all(whole_tiles(p) for p in pinpoints):
+        out.append(f"image_grid_pinpoints {pinpoints!r} (each must be [height, width], multiples of the "
+                   f"image size {tile!r})")
+    if strategy != "default":
+        out.append(f"vision_feature_select_strategy {strategy!r} for llava_next (only 'default')")
+    return out
 
 
 def read_preprocessor(src: str, cfg: LlavaConfig) -> dict:
@@ -144,6 +170,16 @@ def read_preprocessor(src: str, cfg: LlavaConfig) -> dict:
     s = cfg.vision.image_size
     if (final.get("height"), final.get("width")) != (s, s):
         raise MinidamroError(f"{path}: images are preprocessed to {final}, but the vision tower takes {s}x{s}")
+    if cfg.model_type == "llava_next":
+        # NeXT's tiles are crop_size squares; the model lays them out by the config's pinpoints, the
+        # processor by its own: they must be the same, or the image-token count would not match.
+        crop = out["crop_size"]
+        if (crop.get("height"), crop.get("width")) != (s, s):
+            raise MinidamroError(f"{path}: LLaVA-NeXT tiles are crop_size {crop}, the vision tower takes {s}x{s}")
+        theirs = get(p, "image_grid_pinpoints", cfg.image_grid_pinpoints)
+        if [list(x) for x in theirs] != cfg.image_grid_pinpoints:
+            raise MinidamroError(f"{path}: image_grid_pinpoints {theirs} differ from config.json's "
+                                 f"{cfg.image_grid_pinpoints}")
     return out
 
 
@@ -338,7 +374,7 @@ def replace(tmp: str, out: str, force: bool):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Convert a Hugging Face LLaVA-1.5 checkpoint for minidamro.")
+    ap = argparse.ArgumentParser(description="Convert a Hugging Face LLaVA-1.5 or LLaVA-NeXT checkpoint for minidamro.")
     ap.add_argument("src", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model)")
     ap.add_argument("out", help="output directory")
     ap.add_argument("--dtype", choices=list(DTYPES), help="stored dtype (default: the source's)")

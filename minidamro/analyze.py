@@ -2,6 +2,7 @@
 
     python -m minidamro.analyze photo.jpg --model checkpoints/llava-1.5-7b --out analysis/
     python -m minidamro.analyze photo.jpg --method damro --alpha 2 --topk 10 --out analysis-damro/
+    python -m minidamro.analyze photo.jpg --method vcd --noise-step 500 --out analysis-vcd/
 
 Writes into --out: vit_attention.png (the [CLS] attention at the selection layer, outliers numbered: the
 paper's Figure 1), decoder_attention.png (one map per generated word: Figures 2-3) and analysis.json (every
@@ -10,9 +11,15 @@ number behind them, with H_i of Eq. 1 and F of Eq. 2 per generated token).
 Decoder attention, as minidamro defines it (the paper does not say how it aggregates): the mean over all
 LLM layers and all heads of the attention row of the position whose logits chose the token (for the
 first token the last prompt position, for token t > 1 the position of token t - 1), restricted to the
-image tokens of the prompt. With --method damro it is the full stream's attention; DAMRO chooses the tokens.
+image tokens of the prompt. With --method damro or vcd it is the full stream's attention (the model seeing the
+clean image) while the method chooses the tokens; the ViT figure is always the clean image's.
 H_i and F are over the patches: with vision_feature_select_strategy "full" ([CLS] kept as image feature 0)
 patch j is image token j + 1. A word's map uses the row of its first piece (see split_words for the rule).
+
+LLaVA-NeXT: the [CLS] map, the outliers, H_i, F and the figures are the base tile's (the whole image
+squashed to one tile, the first num_patches image tokens; the tile DAMRO's contrastive stream uses), drawn
+over the base tile's pixels; analysis.json also has each grid tile's outliers (`tile_outliers`, which DAMRO
+computes and does not use) and each token's decoder attention over all image tokens.
 """
 import json
 import os
@@ -24,10 +31,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from PIL import Image
 
-from . import MinidamroError, damro, draw, generation
+from . import MinidamroError, contrastive, damro, draw, generation, methods
 from .capture import Capture
-from .generate import Parser, add_arguments, check_options, encode_prompt, guarded, system_text
-from .image import load_image, preprocess
+from .generate import Parser, add_arguments, check_options, encode_prompt, guarded, method_config, system_text
+from .anyres import model_pixels
+from .image import load_image
 from .llava import Llava, load_model
 from .tokenizer import Tokenizer
 
@@ -56,6 +64,7 @@ class Analysis:
     patch_offset: int         # image token of patch j is j + patch_offset (1 when [CLS] is kept as feature 0)
     vit_attention: list[float]  # [CLS] attention over the patches (Eq. 3)
     outliers: list[int]       # top-k patches, descending (Eq. 4): the ones DAMRO's contrastive stream sees
+    tile_outliers: list[list[int]]  # NeXT: the same selection on each grid tile, row-major (unused by DAMRO)
     tokens: list[Token]
     words: list[dict]         # {"text", "tokens": indices into tokens}
     image: Image.Image = field(repr=False)  # the preprocessed input, back in RGB (not written to the JSON)
@@ -131,12 +140,14 @@ def to_rgb_image(pixels, preprocessor: dict) -> Image.Image:
 
 
 @torch.inference_mode()
-def vit_attention(model: Llava, pixels, mode: str):
-    """[CLS] attention over all 1 + N ViT tokens at the selection layer (damro.cls_attention), and the features."""
+def vit_attention(model: Llava, pixels, mode: str, image_size=None):
+    """[CLS] attention over all 1 + N ViT tokens at the selection layer (damro.cls_attention), per tile (one
+    for LLaVA-1.5; base first for NeXT), and the prompt's image embeddings."""
     layer = damro.selection_layer(model)
     want = Capture(vit_qk_layers=(layer,)) if mode == "full" else Capture(vit_layers=(layer,))
-    features = model.encode_image(pixels, want)[0]
-    return layer, damro.cls_attention(want, layer, mode), features
+    tiles = model.encode_image(pixels, want)
+    rows = [damro.cls_attention(want, layer, mode, t) for t in range(tiles.shape[0])]
+    return layer, rows, model.pack_features(tiles, image_size)
 
 
 @torch.inference_mode()
@@ -165,44 +176,49 @@ def decoder_attention(model: Llava, ids, features, tokens: list[int]):
 def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, method: str = "plain",
             dcfg: damro.DamroConfig | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
             max_new_tokens: int = 64, system: str | None = None, pad_square: bool = False,
-            model_dir: str = "") -> Analysis:
-    """Generate an answer exactly as generation.generate (plain) or damro.generate (damro) would, then measure
-    the ViT's [CLS] attention and the decoder's attention for every generated token."""
-    cfg, dcfg = model.cfg, dcfg or damro.DamroConfig()
-    if method not in ("plain", "damro"):
-        raise MinidamroError(f"--method must be plain or damro, got {method}")
-    dcfg.check(cfg.vision.num_patches)
+            model_dir: str = "", cfg=None) -> Analysis:
+    """Generate an answer exactly as contrastive.generate would with `method` (a name in methods.METHODS),
+    then measure the ViT's [CLS] attention and the decoder's attention for every generated token.
+
+    dcfg sets the ViT figure (its topk and outlier_attention) and, for method "damro", the decoding too;
+    cfg is the settings of another method (e.g. a vcd.VcdConfig; None: its defaults)."""
+    dcfg = dcfg or damro.DamroConfig()
+    m = methods.get(method)
+    cfg = dcfg if method == "damro" else (cfg if cfg is not None else m.config())
+    dcfg.check(model.cfg.vision.num_patches)
+    m.check(model, cfg)
     if max_new_tokens < 1:
         raise MinidamroError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     device = model.lm_head.weight.device
-    pixels = preprocess(image, cfg.preprocessor, pad_to_square=pad_square).to(device)
-    ids, max_new = encode_prompt(model, tok, prompt, system, max_new_tokens)
+    pixels, image_size = model_pixels(image, model.cfg, pad_to_square=pad_square)
+    pixels = pixels.to(device)
+    ids, max_new = encode_prompt(model, tok, prompt, system, max_new_tokens, image_size)
 
-    # The tokens come from the reference decoders themselves, untouched by any capture (a captured layer
-    # takes the eager path, which can differ from SDPA in the last bit), so they are exactly theirs.
+    # The tokens come from the core itself, untouched by any capture (a captured layer takes the eager
+    # path, which can differ from SDPA in the last bit), so they are exactly what generate gives.
     sampler = generation.Sampler(temperature, top_p, seed, device)
-    if method == "plain":
-        tokens = list(generation.generate(model, ids, pixels, sampler, max_new))
-    else:
-        tokens = list(damro.generate(model, ids, pixels, dcfg, sampler, max_new)[1])
+    tokens = list(contrastive.generate(model, ids, pixels, m, cfg, sampler, max_new, image_size=image_size)[1])
 
-    layer, cls_row, features = vit_attention(model, pixels, dcfg.outlier_attention)
-    offset = int(cfg.vision_feature_select_strategy == "full")  # [CLS] kept: patch j is image token j + 1
+    layer, cls_rows, features = vit_attention(model, pixels, dcfg.outlier_attention, image_size)
+    cls_row = cls_rows[0]                                         # the (base) tile's
+    offset = int(model.cfg.vision_feature_select_strategy == "full")  # [CLS] kept: patch j is image token j + 1
     vit = cls_row[1:].cpu()                                       # patches only (Eq. 3 keeps A_cls[1:])
-    dec = decoder_attention(model, ids, features, tokens)         # (n, num_image_tokens)
+    dec = decoder_attention(model, ids, features, tokens)         # (n, image tokens of the prompt)
     n_h = min(H_MAX, len(vit))
     records = []
     for t, row in zip(tokens, dec):
-        patches = row[offset:]
+        patches = row[offset:offset + len(vit)]  # the (base) tile's patches: NeXT's grid tokens follow them
         records.append(Token(t, piece_of(tok, t), row.tolist(), [overlap(vit, patches, i) for i in range(1, n_h + 1)],
                              outlier_share(vit, patches)))
     settings = {"method": method, "alpha": dcfg.alpha, "beta": dcfg.beta, "topk": dcfg.topk,
-                "outlier_attention": dcfg.outlier_attention, "temperature": temperature, "top_p": top_p,
+                "outlier_attention": dcfg.outlier_attention} | asdict(cfg) | {
+                "temperature": temperature, "top_p": top_p,
                 "seed": seed, "max_new_tokens": max_new, "system": system, "pad_square": pad_square,
                 "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     return Analysis(model_dir, prompt, tok.decode(tokens), settings, layer, int(len(vit) ** 0.5), offset,
-                    vit.tolist(), damro.select_outliers(cls_row, dcfg.topk).tolist(), records,
-                    split_words(tok, tokens), to_rgb_image(pixels, cfg.preprocessor))
+                    vit.tolist(), damro.select_outliers(cls_row, dcfg.topk).tolist(),
+                    [damro.select_outliers(r, dcfg.topk).tolist() for r in cls_rows[1:]], records,
+                    split_words(tok, tokens), to_rgb_image(pixels, model.cfg.preprocessor))
 
 
 def figures(a: Analysis) -> tuple[Image.Image, Image.Image]:
@@ -214,7 +230,8 @@ def figures(a: Analysis) -> tuple[Image.Image, Image.Image]:
         f"ViT [CLS] attention at encoder layer {a.selection_layer} (0-based), top-{len(a.outliers)} outliers",
         f"{how}; the top 3 patches take {top3:.1%} of it; {name}")
     # A word's map is its first piece's row: the position whose logits committed to the word.
-    tiles = [(w["text"], f"F {t.F:.3f}  H3 {t.H[min(2, len(t.H) - 1)]:.2f}", t.attention[a.patch_offset:])
+    tiles = [(w["text"], f"F {t.F:.3f}  H3 {t.H[min(2, len(t.H) - 1)]:.2f}",
+              t.attention[a.patch_offset:a.patch_offset + a.grid ** 2])
              for w in a.words for t in [a.tokens[w["tokens"][0]]]]
     dec = draw.decoder_figure(
         a.image, tiles, a.grid, a.outliers[:F_TOP],
@@ -262,10 +279,10 @@ def run(a):
     model = load_model(a.model, a.device, a.dtype)
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
     seed = a.seed if a.seed is not None else random.randrange(2**63)
-    result = analyze(model, tok, image, a.prompt, a.method,
-                     damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention),
+    result = analyze(model, tok, image, a.prompt, a.method, method_config(a, "damro"),
                      temperature=a.temperature, top_p=a.top_p, seed=seed, max_new_tokens=a.max_new_tokens,
-                     system=system_text(a), pad_square=a.pad_square, model_dir=a.model)
+                     system=system_text(a), pad_square=a.pad_square, model_dir=a.model,
+                     cfg=method_config(a, a.method))
     write(result, a.out)
     print(result.answer)
     print(f"wrote {', '.join(os.path.join(a.out, name) for name in FILES)}", file=sys.stderr)

@@ -1,11 +1,16 @@
 """Speed and memory of minidamro against transformers on a random LLaVA-shaped checkpoint, on the CPU.
 
-    python -m minidamro.bench [--out results.json] [--tokens 64] [--runs 5] [--workdir DIR] [--quick]
+    python -m minidamro.bench [--size medium|7b|quick] [--out results.json] [--tokens N] [--runs N] [--workdir DIR]
 
-Builds once (cached in --workdir) a random llava-hf checkpoint: CLIP ViT-B/14 at 336 px (12 x 768, 576
-patches, features from layer -2) before an 8 x 1024 LLaMA (16 heads, MLP 2816) with llava-hf's 32064-row
-vocabulary, 674 MB of LLM weights in float32; converts it with weights_convert.py (which drops the ViT's last
-layer, unused at layer -2). Then times each implementation in its own subprocess, so memory is per implementation:
+Builds once (cached in --workdir) a random llava-hf checkpoint and converts it with weights_convert.py (which
+drops the ViT's last layer, unused at layer -2):
+    medium  CLIP ViT-B/14 at 336 px (12 x 768, 576 patches, features from layer -2) before an 8 x 1024 LLaMA (16
+            heads, MLP 2816) with llava-hf's 32064-row vocabulary: 674 MB of LLM weights, float32 (transformers
+            builds it).
+    7b      LLaVA-1.5-7B's exact shapes in bfloat16 (bench7b.py writes it tensor by tensor, no transformers):
+            14.1 GB per layout, cached in checkpoints/bench-7b.
+    quick   a tiny model, to check the script itself.
+Then times each implementation in its own subprocess, so memory is per implementation:
 
     hf              transformers LlavaForConditionalGeneration.generate, greedy, sdpa attention (the default)
     hf_damro        DAMRO as the authors' code runs it on transformers: two streams, each with its own
@@ -13,36 +18,46 @@ layer, unused at layer -2). Then times each implementation in its own subprocess
     md_plain        minidamro.generation.generate
     md_damro        minidamro.damro.generate(batched=True): both streams in one forward per token
     md_damro_2call  the same with batched=False (two forwards per token), for information
+    md_vcd          minidamro VCD (noise step 500) through the same core: two full-length streams, one forward
+At 7b only md_plain, md_damro and hf run, and each only if /proc/meminfo's MemAvailable holds a generous
+estimate of its memory (otherwise it is skipped, with the reason printed): transformers needs ~23 GiB there.
 
 Timing: a timestamp as each token reaches the caller (a streamer for generate(), the iterators, the loop).
 prefill = first token - call (vision tower, projector, prompt prefill, first choice); decode = (last token -
 first token) / (N - 1). Figures are medians over --runs runs, after a 4-token warm-up run. EOS is ignored so
 that every run makes N tokens (min_new_tokens for transformers; cfg.text.eos_token_id = -1 for minidamro).
-Greedy, float32, torch.set_num_threads(--threads). Memory: VmRSS / VmHWM (MiB) from /proc/self/status before
-loading (Python + torch), after loading, and at the end. minidamro memory-maps its weights, so pages count
-only once touched: compare the peak at the end.
+Greedy, in the checkpoint's dtype, torch.set_num_threads(--threads). Memory: VmRSS / VmHWM (MiB) from
+/proc/self/status before loading (Python + torch), after loading, and at the end. minidamro memory-maps its
+weights, so pages count only once touched: compare the peak at the end.
 
-Roofline: the bytes one decode step must read from the weights (lm_head, every decoder layer's linears and
-RMSNorms, the final norm, one embedding row; not the KV cache), over the best float32 matrix-vector bandwidth
-measured here (F.linear of 1 x K by N x K, and torch.mv, on >= 1 GB of weights cycled so none stays in cache).
-Timings are only meaningful on an otherwise idle machine: the load average is recorded.
+Roofline: the memory read bandwidth is the best of a few simple kernels, each reading >= 1 GB per pass: a
+float32 sum, and every fastlinear formulation of x W^T (1 and 2 rows, float32 and bfloat16). A decode step
+must read every decoder layer's weights, the final norm, lm_head, one embedding row, and each stream's KV
+cache; that over the decode time, over the bandwidth, is the fraction of the limit an implementation reaches
+(two forwards per token read the weights twice). The CPU model, torch build, BLAS, CPU capability and the
+MKL_* / ATEN_* / OMP_* / MINIDAMRO_* environment are recorded, so figures from different machines can be
+told apart. Timings are only meaningful on an otherwise idle machine: the load average is recorded.
 """
 import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from . import bench7b
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = {
-    "full": dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    "medium": dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                              image_size=336, patch_size=14, hidden_act="quick_gelu"),
                  text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                            num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096)),
+    "7b": dict(vision=bench7b.VISION, text=bench7b.TEXT, dtype="bfloat16"),  # llava-1.5-7b-hf's shapes
     "quick": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               image_size=56, patch_size=14, hidden_act="quick_gelu"),
                   text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -50,7 +65,7 @@ SPEC = {
 }
 IMAGE_TOKEN, PAD_TOKEN, SP_VOCAB = 32000, 32001, 400  # a small sentencepiece model: ids only need to be valid
 PROMPT, TOPK, ALPHA, BETA = "Describe this image in detail.", 10, 2.0, 0.1
-IMPLS = ("hf", "hf_damro", "md_plain", "md_damro", "md_damro_2call")
+IMPLS = ("hf", "hf_damro", "md_plain", "md_damro", "md_damro_2call", "md_vcd")
 
 
 # ---------------------------------------------------------------- the checkpoint
@@ -63,7 +78,6 @@ def build(workdir: str, size: str):
                 return
     import sentencepiece as spm
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     import weights_convert
     hf, spec = os.path.join(workdir, "hf"), SPEC[size]
     os.makedirs(hf, exist_ok=True)
@@ -74,10 +88,16 @@ def build(workdir: str, size: str):
     spm.SentencePieceTrainer.train(
         input=corpus, model_prefix=os.path.join(hf, "tokenizer"), vocab_size=SP_VOCAB, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=LlamaConfig(**spec["text"]),
-                      image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    LlavaForConditionalGeneration(cfg).save_pretrained(hf)
+    if size == "7b":  # streamed: no transformers, never the whole model in memory
+        from .bench7b import write_hf
+        write_hf(hf, IMAGE_TOKEN)
+    else:
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        torch.manual_seed(0)
+        cfg = LlavaConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=LlamaConfig(**spec["text"]),
+                          image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+        LlavaForConditionalGeneration(cfg).save_pretrained(hf)
     tok = lambda s: {"content": s, "lstrip": False, "normalized": False, "rstrip": False,  # noqa: E731
                      "single_word": False, "special": True}
     s = spec["vision"]["image_size"]
@@ -109,7 +129,9 @@ def weight_bytes(workdir: str) -> dict:
     llm = sum(v for k, v in size.items() if k.startswith(("language_model.", "lm_head.")))
     row = emb // header["language_model.embed_tokens.weight"]["shape"][0]
     vision = sum(v for k, v in size.items() if k.startswith("vision_tower."))
-    return {"total": sum(size.values()), "llm": llm, "vision": vision, "per_token": llm - emb + row}
+    itemsize = row // header["language_model.embed_tokens.weight"]["shape"][1]
+    return {"total": sum(size.values()), "llm": llm, "vision": vision, "per_token": llm - emb + row,
+            "itemsize": itemsize}
 
 
 # ---------------------------------------------------------------- workers (one subprocess each)
@@ -140,8 +162,11 @@ def hf_runner(workdir: str, impl: str):
     import torch
     from transformers import DynamicCache, LlavaForConditionalGeneration
     from transformers.generation.streamers import BaseStreamer
-    model = LlavaForConditionalGeneration.from_pretrained(os.path.join(workdir, "hf"), dtype=torch.float32).eval()
+    with open(os.path.join(workdir, "spec.json")) as f:
+        dtype = getattr(torch, json.load(f).get("dtype", "float32"))  # the checkpoint's: bfloat16 at 7b
+    model = LlavaForConditionalGeneration.from_pretrained(os.path.join(workdir, "hf"), dtype=dtype).eval()
     ids, pixels = inputs(workdir)
+    pixels = pixels.to(dtype)
 
     class Stamps(BaseStreamer):  # generate() puts the prompt first, then each new token as it is chosen
         def __init__(self):
@@ -193,11 +218,12 @@ def hf_runner(workdir: str, impl: str):
                 l_cd = model(input_ids=tok.view(1, 1), cache=cd_cache).logits[0, -1].float()
         return t0, t, tokens
 
-    return (plain if impl == "hf" else damro), {"attn_implementation": model.config._attn_implementation}
+    return (plain if impl == "hf" else damro), {"attn_implementation": model.config._attn_implementation,
+                                                "prompt_len": len(ids)}
 
 
 def md_runner(workdir: str, impl: str):
-    from . import damro, generation
+    from . import contrastive, damro, generation, vcd
     from .llava import load_model
     model = load_model(os.path.join(workdir, "minidamro"))
     model.cfg.text.eos_token_id = -1  # never stop early: every run makes exactly n tokens
@@ -207,6 +233,8 @@ def md_runner(workdir: str, impl: str):
         t0 = time.perf_counter()
         if impl == "md_plain":
             it = generation.generate(model, ids, pixels, generation.Sampler(), n)
+        elif impl == "md_vcd":
+            _, it = contrastive.generate(model, ids, pixels, vcd.METHOD, vcd.VcdConfig(), generation.Sampler(), n)
         else:
             _, it = damro.generate(model, ids, pixels, damro.DamroConfig(alpha=ALPHA, beta=BETA, topk=TOPK),
                                    generation.Sampler(), n, batched=impl == "md_damro")
@@ -215,44 +243,53 @@ def md_runner(workdir: str, impl: str):
             t.append(time.perf_counter())
             tokens.append(tok)
         return t0, t, tokens
-    return run, {}
+    from .fastlinear import Linear
+    packed = sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
+    return run, {"prompt_len": len(ids), "linear": os.environ.get("MINIDAMRO_LINEAR", "auto"), "packed_linears": packed}
 
 
-def matvec(spec: dict, reps: int, pool: float) -> dict:
-    """Achieved float32 matrix-vector bandwidth, GB/s (1e9 B/s), 1 x K times N x K transposed as nn.Linear does
-    (and torch.mv), median of `reps` calls cycling over >= `pool` bytes of weights so that none stays in cache.
-    "chain_1row" runs the linear layers of one decode step in order (every decoder layer, then lm_head): what a
-    decode step would cost with these kernels and nothing else; "chain_2row" the same for 2 rows."""
+def bandwidth(spec: dict, pool: float, reps: int = 3) -> dict:
+    """GB/s (1e9 B/s) that simple kernels read, each over >= `pool` bytes so nothing stays in cache, the best of
+    `reps` passes: a float32 sum, and every fastlinear formulation of x W^T for 1 and 2 rows, float32 and
+    bfloat16, on the model's MLP up-projection shape (N = intermediate, K = hidden). Their best is the memory
+    read bandwidth the roofline uses. "chain": fastlinear (auto) over one decode step's linear layers in
+    order, in the model's dtype: what a step would cost with those kernels and nothing else (not at 7b: it
+    would need a second copy of the weights)."""
     import torch
-    import torch.nn.functional as F
-    out, chain_ms = {}, {}
-    for n, k in ((32064, 1024), (2816, 1024), (1024, 2816), (1024, 1024)):
-        copies = max(2, math.ceil(pool / (n * k * 4)))
-        ws, x = [torch.randn(n, k) for _ in range(copies)], torch.randn(1, k)
-        for name, f in (("linear", lambda w: F.linear(x, w)), ("mv", lambda w: torch.mv(w, x[0]))):
-            for w in ws:
-                f(w)
-            times = []
-            for r in range(reps):
-                t = time.perf_counter()
-                f(ws[r % copies])
-                times.append(time.perf_counter() - t)
-            out[f"{name}_{n}x{k}"] = n * k * 4 / statistics.median(times) / 1e9
-        del ws
+    from . import fastlinear
+    out, best = {}, lambda f: min(timed(f) for _ in range(reps))  # noqa: E731
+    x = torch.ones(math.ceil(pool / 4))
+    out["sum float32"] = x.numel() * 4 / best(lambda: x.sum()) / 1e9
+    del x
     t = spec["text"]
-    d, i, v = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
-    shapes = [(d, d)] * 4 + [(i, d), (i, d), (d, i)]
-    ws = [torch.randn(s) for _ in range(t["num_hidden_layers"]) for s in shapes] + [torch.randn(v, d)]
-    for rows in (1, 2):  # 2 rows: the floor of a batched DAMRO step, both streams in one read
-        xs, times = {k: torch.randn(rows, k) for k in (d, i)}, []
-        for _ in range(reps // 2):
-            t0 = time.perf_counter()
-            for w in ws:
-                F.linear(xs[w.shape[1]], w)
-            times.append(time.perf_counter() - t0)
-        chain_ms[rows] = 1e3 * statistics.median(times[1:])
-        out[f"chain_{rows}row"] = sum(w.numel() * 4 for w in ws) / chain_ms[rows] / 1e6
-    return {"bandwidth_gbs": out, "chain_ms": chain_ms}
+    n, k = t["intermediate_size"], t["hidden_size"]
+    for dtype in (torch.float32, torch.bfloat16):
+        copies = math.ceil(pool / (n * k * dtype.itemsize))
+        ws = torch.full((copies, n, k), 0.01, dtype=dtype).unbind()  # written, so the pages are real
+        for rows in (1, 2):
+            xs = torch.ones(rows, k, dtype=dtype)
+            for name in fastlinear.candidates(rows):
+                f = fastlinear.FORMS[name]
+                out[f"{name} {str(dtype)[6:]} {rows} row"] = copies * n * k * dtype.itemsize / best(
+                    lambda: [f(xs, w, None) for w in ws]) / 1e9
+        del ws
+    res = {"bandwidth_gbs": out, "memory_gbs": max(out.values()), "chain_ms": {}}
+    if spec.get("dtype", "float32") == "float32":
+        d, i, v = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+        shapes = [(d, d)] * 4 + [(i, d), (i, d), (d, i)]
+        ws = [torch.randn(s) for _ in range(t["num_hidden_layers"]) for s in shapes] + [torch.randn(v, d)]
+        for rows in (1, 2):  # 2 rows: the floor of a batched DAMRO step, both streams in one read
+            xs = {k: torch.randn(rows, k) for k in (d, i)}
+            step = lambda: [fastlinear.linear(xs[w.shape[1]], w) for w in ws]  # noqa: E731
+            step()  # fastlinear measures its choices here, once
+            res["chain_ms"][rows] = 1e3 * best(step)
+    return res
+
+
+def timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
 
 
 def worker(args):
@@ -260,9 +297,9 @@ def worker(args):
     torch.set_num_threads(args.threads)
     res = {"load_avg_start": os.getloadavg(), "mem_start": memory()}
     if args.worker == "build":
-        build(args.workdir, "quick" if args.quick else "full")
-    elif args.worker == "matvec":
-        res |= matvec(SPEC["full"], 30, 1e9) if not args.quick else matvec(SPEC["quick"], 10, 128e6)
+        build(args.workdir, args.size)
+    elif args.worker == "bandwidth":
+        res |= bandwidth(SPEC[args.size], 1.1e9 if args.size != "quick" else 128e6)
     else:
         t = time.perf_counter()
         run, info = (hf_runner if args.worker.startswith("hf") else md_runner)(args.workdir, args.worker)
@@ -289,7 +326,7 @@ def spawn(args, name: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "minidamro.bench", "--worker", name, "--worker-out", f.name,
                "--workdir", args.workdir, "--tokens", str(args.tokens), "--runs", str(args.runs),
-               "--threads", str(args.threads)] + ["--quick"] * args.quick
+               "--threads", str(args.threads), "--size", args.size]
         env = os.environ | {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         t = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, env=env)
@@ -297,92 +334,176 @@ def spawn(args, name: str) -> dict:
         return json.load(f)
 
 
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def needed_bytes(name: str, w: dict) -> float:
+    """A generous estimate of the memory an implementation needs: minidamro maps its weights (the ones it
+    touches become resident), transformers copies them into its own tensors (23.1 GiB peak RSS at 7b bf16
+    on a 24 GiB machine, file pages included; ~1.2x the weights in anonymous memory)."""
+    return (1.25 if name.startswith("hf") else 1.0) * w["total"] + 2**30
+
+
 def machine(threads: int) -> dict:
     import torch
     import transformers
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    config = torch.__config__.show()
+    libs = [line.strip(" -") for line in config.splitlines() if "Math Kernel" in line or "MKL-DNN" in line]
+    blas = ", ".join([re.search(r"BLAS_INFO=(\w+)", config)[1] if "BLAS_INFO=" in config else "?"] + libs)
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": sys.version.split()[0], "load_avg": os.getloadavg()}
+            "torch_blas": blas, "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_config": config,
+            "transformers": transformers.__version__, "python": sys.version.split()[0], "load_avg": os.getloadavg(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("MKL_", "ATEN_", "OMP_", "MINIDAMRO_"))}}
 
 
-def summarize(r: dict, w: dict) -> dict:
-    bw = max(v for k, v in r["matvec"]["bandwidth_gbs"].items() if k != "chain_2row")  # best 1-row bandwidth
-    roofline_ms = w["per_token"] / bw / 1e6
-    dec, best = (lambda k: r[k]["decode_ms"]), (lambda k: r[k]["decode_best_ms"])  # noqa: E731
-    limit = 1.1 * w["total"] / 2**20 + 300
-    return {
-        "bandwidth_gbs": bw, "roofline_ms": roofline_ms, "rss_limit_mb": limit,
-        "md_damro / md_plain decode (<= 1.15)": dec("md_damro") / dec("md_plain"),
-        "md_plain / hf decode (<= 1)": dec("md_plain") / dec("hf"),
-        "md_plain roofline fraction, bytes read per token (>= 0.85)": roofline_ms / dec("md_plain"),
-        # Issue 4 states its bound as all LLM weight bytes (embedding table included) / bandwidth.
-        "md_plain roofline fraction, all LLM weight bytes (>= 0.85)": w["llm"] / bw / 1e6 / dec("md_plain"),
-        "md_plain / hf prefill (<= 1)": r["md_plain"]["prefill_s"] / r["hf"]["prefill_s"],
-        "md_plain peak RSS / limit (<= 1)": r["md_plain"]["mem_end"]["VmHWM"] / limit,
-        "md_damro peak RSS / limit (<= 1)": r["md_damro"]["mem_end"]["VmHWM"] / limit,
-        "hf_damro / hf decode": dec("hf_damro") / dec("hf"),
-        "md_damro / hf_damro decode": dec("md_damro") / dec("hf_damro"),
-        "md_damro roofline fraction": roofline_ms / dec("md_damro"),
-        "md_plain / linear layers alone, 1 row": dec("md_plain") / r["matvec"]["chain_ms"]["1"],
-        "md_damro / linear layers alone, 2 rows": dec("md_damro") / r["matvec"]["chain_ms"]["2"],
-        "md_damro / md_plain decode, best runs": best("md_damro") / best("md_plain"),
-        "md_plain / hf decode, best runs": best("md_plain") / best("hf"),
-        "md_plain and hf greedy tokens equal": r["md_plain"]["tokens"] == r["hf"]["tokens"],
-        "md_damro and hf_damro greedy tokens equal": r["md_damro"]["tokens"] == r["hf_damro"]["tokens"],
-    }
+def step_bytes(w: dict, spec: dict, prompt_len: int, tokens: int, streams: list[int]) -> float:
+    """Bytes one decode step must read: the weights once (per_token: every decoder layer, the final norm,
+    lm_head, one embedding row per stream) and each stream's KV cache, at its mean length over the decode."""
+    t = spec["text"]
+    per_position = 2 * t["num_hidden_layers"] * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
+    per_position *= w["itemsize"]
+    return w["per_token"] + sum(per_position * (prompt_len + shrink + tokens / 2) for shrink in streams)
+
+
+def summarize(size: str, r: dict, w: dict, spec: dict, tokens: int) -> dict:
+    bw = r["bandwidth"]["memory_gbs"]
+    num_image = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
+    streams = {"md_plain": [0], "hf": [0], "md_damro": [0, TOPK - num_image], "hf_damro": [0, TOPK - num_image],
+               "md_damro_2call": [0, TOPK - num_image], "md_vcd": [0, 0]}
+    s = {"memory_gbs": bw}
+    for name, x in r.items():
+        if name in streams and x:
+            reads = step_bytes(w, spec, x["prompt_len"], tokens, streams[name])
+            if name in ("hf_damro", "md_damro_2call"):  # two forwards: the weights are read twice
+                reads += w["per_token"]
+            s[f"{name} fraction of the memory bandwidth"] = reads / (x["decode_ms"] / 1e3) / (bw * 1e9)
+    dec = lambda k: r[k]["decode_ms"] if r.get(k) else math.nan  # noqa: E731
+    pre = lambda k: r[k]["prefill_s"] if r.get(k) else math.nan  # noqa: E731
+    rss = lambda k: r[k]["mem_end"]["VmHWM"] / 1024 if r.get(k) else math.nan  # noqa: E731
+    chain = r["bandwidth"]["chain_ms"]
+    if size == "7b":
+        s |= {
+            "md_plain s/token (<= 0.45 on a 2-core Zen 5 at ~65 GB/s)": dec("md_plain") / 1e3,
+            "md_damro / md_plain decode (<= 1.05)": dec("md_damro") / dec("md_plain"),
+            "md_plain / hf decode (<= 0.85)": dec("md_plain") / dec("hf"),
+            "md_plain / hf prefill (<= 0.9)": pre("md_plain") / pre("hf"),
+            "md_plain peak RSS GiB (<= 14.5)": rss("md_plain"),
+            "md_damro peak RSS GiB (<= 14.5)": rss("md_damro"),
+            "hf peak RSS GiB": rss("hf"),
+        }
+    else:
+        s |= {
+            "md_damro / md_plain decode (<= 1.10)": dec("md_damro") / dec("md_plain"),
+            "md_vcd / md_plain decode (<= 1.1)": dec("md_vcd") / dec("md_plain"),
+            "md_vcd / md_plain prefill": pre("md_vcd") / pre("md_plain"),
+            "md_plain / hf decode (<= 0.85)": dec("md_plain") / dec("hf"),
+            "md_plain / hf prefill (<= 0.9)": pre("md_plain") / pre("hf"),
+            "md_plain fraction of the memory bandwidth (>= 0.6)": s.get("md_plain fraction of the memory bandwidth",
+                                                                         math.nan),
+            "hf_damro / hf decode": dec("hf_damro") / dec("hf"),
+            "md_damro / hf_damro decode": dec("md_damro") / dec("hf_damro"),
+            "md_plain / linear layers alone, 1 row": dec("md_plain") / chain["1"] if chain else math.nan,
+            "md_damro / linear layers alone, 2 rows": dec("md_damro") / chain["2"] if chain else math.nan,
+            "md_plain peak RSS GiB": rss("md_plain"), "hf peak RSS GiB": rss("hf"),
+        }
+    for a, b in (("md_plain", "hf"), ("md_damro", "hf_damro")):
+        if r.get(a) and r.get(b):
+            s[f"{a} and {b} greedy tokens equal"] = r[a]["tokens"] == r[b]["tokens"]
+    return s
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--tokens", type=int, help="tokens generated per run (default 64; 8 with --quick)")
-    p.add_argument("--runs", type=int, help="timed runs per implementation (default 5; 2 with --quick)")
+    p.add_argument("--tokens", type=int, help="tokens generated per run (default 64; 16 at 7b; 8 with --quick)")
+    p.add_argument("--runs", type=int, help="timed runs per implementation (default 5; 2 at 7b and with --quick)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workdir", help="where the checkpoint is built and cached (default: a fixed temp dir)")
-    p.add_argument("--quick", action="store_true", help="a tiny model: checks the script itself in < 1 min")
+    p.add_argument("--workdir", help="where the checkpoint is built and cached (default: a fixed temp dir; "
+                                     "checkpoints/bench-7b for --size 7b)")
+    p.add_argument("--size", choices=("medium", "7b", "quick"), default="medium",
+                   help="medium: 674 MB float32 LLM (default); 7b: LLaVA-1.5-7B's shapes in bfloat16 (28 GB of "
+                        "disk for both layouts, ~14 GiB of RAM for minidamro, ~23 GiB for transformers); quick: "
+                        "a tiny model that checks the script itself in < 1 min")
+    p.add_argument("--quick", action="store_true", help="the same as --size quick")
+    p.add_argument("--only", help="comma-separated implementations to time (default: all of the size)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.tokens = args.tokens or (8 if args.quick else 64)
-    args.runs = args.runs or (2 if args.quick else 5)
-    size = "quick" if args.quick else "full"
-    args.workdir = args.workdir or os.path.join(tempfile.gettempdir(), f"minidamro-bench-{size}")
+    if args.quick:
+        args.size = "quick"
+    size, spec = args.size, SPEC[args.size]
+    args.tokens = args.tokens or {"medium": 64, "7b": 16, "quick": 8}[size]
+    args.runs = args.runs or {"medium": 5, "7b": 2, "quick": 2}[size]
+    # 7b: 28 GB (both layouts), kept in the repository's gitignored checkpoints/ rather than a temp dir
+    args.workdir = args.workdir or (os.path.join(ROOT, "checkpoints", "bench-7b") if size == "7b" else
+                                    os.path.join(tempfile.gettempdir(), f"minidamro-bench-{size}"))
     if args.worker:
         return worker(args)
     if args.tokens < 2:
         p.error("--tokens must be at least 2")
+    # 7b: two forwards per token on transformers (hf_damro) and in minidamro (md_damro_2call) only double the
+    # weight reads, which the medium size shows in minutes; here they would add ~10 minutes.
+    impls = ("md_plain", "md_damro", "hf") if size == "7b" else IMPLS
+    if args.only:
+        impls = tuple(args.only.split(","))
+        if not set(impls) <= set(IMPLS):
+            p.error(f"--only takes some of {', '.join(IMPLS)}")
     os.makedirs(args.workdir, exist_ok=True)
     print(f"checkpoint in {args.workdir}", file=sys.stderr)
     res = {"machine": machine(args.threads), "model": size, "tokens": args.tokens, "runs": args.runs}
     res["build"] = spawn(args, "build")
     res["weights"] = w = weight_bytes(args.workdir)
     print(f"weights: total {w['total'] / 1e6:.1f} MB, LLM {w['llm'] / 1e6:.1f} MB, vision {w['vision'] / 1e6:.1f} MB, "
-          f"read per decode step {w['per_token'] / 1e6:.1f} MB (1e6 B)", file=sys.stderr)
-    if size == "full" and abs(w["llm"] - 673.78e6) > 1e6:
+          f"read per decode step {w['per_token'] / 1e6:.1f} MB (1e6 B) + the KV cache", file=sys.stderr)
+    if size == "medium" and abs(w["llm"] - 673.78e6) > 1e6:
         print("warning: the LLM weights are not the intended 673.8 MB", file=sys.stderr)
-    res["results"] = r = {name: spawn(args, name) for name in ("matvec",) + IMPLS}
+    r = res["results"] = {"bandwidth": spawn(args, "bandwidth")}
+    res["skipped"] = {}
+    for name in impls:
+        need, have = needed_bytes(name, w), mem_available()
+        if need > have:  # one process at a time; a run that cannot fit would only be killed (or kill others)
+            res["skipped"][name] = f"needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available"
+            print(f"  {name}: skipped, {res['skipped'][name]}", file=sys.stderr)
+            r[name] = None
+        else:
+            r[name] = spawn(args, name)
     res["machine"]["load_avg_end"] = os.getloadavg()
-    res["summary"] = s = summarize(r, w)
+    res["summary"] = s = summarize(size, r, w, spec, args.tokens)
 
-    m, mv = res["machine"], r["matvec"]
-    print(f"\n{m['cpu']}, {m['threads']} threads, torch {m['torch']}, transformers {m['transformers']}, "
-          f"load average {m['load_avg'][0]:.2f} at start, {m['load_avg_end'][0]:.2f} at end")
-    print(f"{size} model, {args.tokens} tokens, median of {args.runs} runs, float32, greedy\n")
-    print(f"{'':<16}{'prefill':>8}{'decode ms/token':>17}{'RSS MiB: before':>17}{'after':>7}{'peak':>7}{'end':>7}")
-    print(f"{'implementation':<16}{'s':>8}{'median':>9}{'best':>8}{'load':>17}{'load':>7}")
-    for name in IMPLS:
+    m, bw = res["machine"], r["bandwidth"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']} ({m['cpu_capability']}, "
+          f"BLAS {m['torch_blas']}), transformers {m['transformers']}; load average {m['load_avg'][0]:.2f} at "
+          f"start, {m['load_avg_end'][0]:.2f} at end")
+    print(f"{size} model ({spec.get('dtype', 'float32')}), {args.tokens} tokens, median of {args.runs} runs, greedy\n")
+    print(f"{'':<16}{'prefill':>8}{'decode ms/token':>17}{'of memory':>11}{'RSS MiB: before':>17}{'after':>7}"
+          f"{'peak':>7}{'end':>7}")
+    print(f"{'implementation':<16}{'s':>8}{'median':>9}{'best':>8}{'bandwidth':>11}{'load':>17}{'load':>7}")
+    for name in impls:
         x = r[name]
-        print(f"{name:<16}{x['prefill_s']:>8.2f}{x['decode_ms']:>9.1f}{x['decode_best_ms']:>8.1f}"
+        if x is None:
+            print(f"{name:<16}skipped: {res['skipped'][name]}")
+            continue
+        frac = s.get(f"{name} fraction of the memory bandwidth", math.nan)
+        print(f"{name:<16}{x['prefill_s']:>8.2f}{x['decode_ms']:>9.1f}{x['decode_best_ms']:>8.1f}{frac:>11.2f}"
               f"{x['mem_start']['VmRSS']:>17.0f}{x['mem_loaded']['VmRSS']:>7.0f}{x['mem_end']['VmHWM']:>7.0f}"
               f"{x['mem_end']['VmRSS']:>7.0f}")
-    print("\nmatvec GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in mv["bandwidth_gbs"].items()))
-    print(f"roofline: {w['per_token'] / 1e6:.1f} MB per token / {s['bandwidth_gbs']:.1f} GB/s = "
-          f"{s['roofline_ms']:.1f} ms;"
-          f" the linear layers alone: {mv['chain_ms']['1']:.1f} ms (1 row), {mv['chain_ms']['2']:.1f} ms (2 rows);"
-          f" peak RSS limit 1.1 x {w['total'] / 2**20:.0f} MiB + 300 = {s['rss_limit_mb']:.0f} MiB")
+    print("\nread bandwidth GB/s (>= 1 GB read per pass, best of 3): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in bw["bandwidth_gbs"].items()))
+    prompt = next(x["prompt_len"] for x in r.values() if x and "prompt_len" in x)
+    print(f"memory read bandwidth (the best of these): {bw['memory_gbs']:.1f} GB/s; a plain decode step reads "
+          f"{step_bytes(w, spec, prompt, args.tokens, [0]) / 1e6:.1f} MB ({w['per_token'] / 1e6:.1f} MB of weights "
+          f"+ the KV cache of ~{prompt + args.tokens // 2} positions): at most "
+          f"{bw['memory_gbs'] * 1e9 / step_bytes(w, spec, prompt, args.tokens, [0]):.1f} tokens/s")
+    if bw["chain_ms"]:
+        print(f"the linear layers alone (fastlinear): {bw['chain_ms']['1']:.1f} ms (1 row), "
+              f"{bw['chain_ms']['2']:.1f} ms (2 rows)")
     for k, v in s.items():
-        if k not in ("bandwidth_gbs", "roofline_ms", "rss_limit_mb"):
-            print(f"  {k:<44} {v if isinstance(v, bool) else f'{v:.3f}'}")
+        if k != "memory_gbs" and not k.endswith("fraction of the memory bandwidth"):
+            print(f"  {k:<56} {v if isinstance(v, bool) else f'{v:.3f}'}")
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:

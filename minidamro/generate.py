@@ -1,8 +1,10 @@
-"""python -m minidamro.generate IMAGE: answer a prompt about an image with LLaVA-1.5, plainly or with DAMRO.
+"""python -m minidamro.generate IMAGE: answer about an image with LLaVA-1.5 or -NeXT, plainly, with DAMRO or VCD.
 
     python -m minidamro.generate photo.jpg --model checkpoints/llava-1.5-7b --prompt "What is in this image?"
     python -m minidamro.generate photo.jpg --method damro --alpha 2 --beta 0.1 --topk 10
-    python -m minidamro.generate photo.jpg --compare          # plain, then DAMRO, same seed
+    python -m minidamro.generate photo.jpg --method vcd --noise-step 500
+    python -m minidamro.generate photo.jpg --compare          # plain, DAMRO and VCD, same seed
+    python -m minidamro.generate photo.jpg --compare plain,vcd
 
 Text is streamed as it is generated. Any problem with the input is one `error:` line on stderr and a
 non-zero exit (2 for a malformed command line, 1 otherwise).
@@ -13,11 +15,13 @@ import math
 import os
 import random
 import sys
+from dataclasses import asdict
 
 import torch
 
-from . import MinidamroError, damro, generation
-from .image import load_image, preprocess
+from . import MinidamroError, contrastive, damro, generation, methods, vcd
+from .anyres import model_pixels
+from .image import load_image
 from .llava import DTYPES, load_model
 from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt, prompt_ids
 
@@ -47,23 +51,44 @@ def add_arguments(p: argparse.ArgumentParser, prompt: str, max_new_tokens: int):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     p.add_argument("--pad-square", action="store_true",
                    help="pad the image to a square of the mean colour first, as the original LLaVA code does")
-    p.add_argument("--method", choices=("plain", "damro"), default="plain")
-    d = damro.DamroConfig()
-    p.add_argument("--alpha", type=float, default=d.alpha, help="DAMRO contrast strength (Eq. 5)")
-    p.add_argument("--beta", type=float, default=d.beta, help="DAMRO plausibility cutoff (Eq. 6)")
+    p.add_argument("--method", choices=tuple(methods.METHODS), default="plain")
+    d, v = damro.DamroConfig(), vcd.VcdConfig()
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"contrast strength (Eq. 5); default: the method's own (DAMRO {d.alpha:g}, VCD {v.alpha:g})")
+    p.add_argument("--beta", type=float, default=None,
+                   help=f"plausibility cutoff (Eq. 6); default: the method's own (DAMRO {d.beta:g}, VCD {v.beta:g})")
     p.add_argument("--topk", type=int, default=d.topk, help="DAMRO outlier tokens")
     p.add_argument("--outlier-attention", choices=damro.OUTLIER_ATTENTION, default=d.outlier_attention,
                    help="full: the released code's full-width [CLS] q.k (default); heads: mean of per-head attention")
+    p.add_argument("--noise-step", type=int, default=v.noise_step,
+                   help=f"VCD diffusion step of the noised image, 0..{vcd.NUM_STEPS - 1} (default {v.noise_step})")
+
+
+def method_config(a, name: str):
+    """The named method's config from the command line: the options it has, its own defaults for the rest."""
+    return methods.make_config(methods.get(name), alpha=a.alpha, beta=a.beta, topk=a.topk,
+                               outlier_attention=a.outlier_attention, noise_step=a.noise_step)
+
+
+def compare_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in methods.METHODS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of distinct methods out of "
+                                         f"{', '.join(methods.METHODS)}, got {text!r}")
+    return names
 
 
 def parse_args(argv=None):
     p = Parser(prog="python -m minidamro.generate", description=__doc__.split("\n")[0])
     add_arguments(p, prompt="What is in this image?", max_new_tokens=256)
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
-    p.add_argument("--compare", action="store_true", help="run plain and DAMRO one after the other")
+    p.add_argument("--compare", nargs="?", type=compare_list, const=list(methods.METHODS), default=None,
+                   metavar="METHODS", help="run several methods one after the other with one seed: "
+                   f"{','.join(methods.METHODS)} (the default) or a comma-separated list of them")
     p.add_argument("--two-forwards", action="store_true",
-                   help="decode DAMRO's two streams in two forward passes per token, as the released code does: "
-                        "bit-identical to it, ~1.8x slower (the default batches them: equal up to float rounding)")
+                   help="decode DAMRO's or VCD's two streams in two forward passes per token, as the released code "
+                        "does: bit-identical to it, ~1.8x slower (the default batches them: equal up to float rounding)")
     return p.parse_args(argv)
 
 
@@ -106,11 +131,13 @@ def check_options(a):
         raise MinidamroError(f"--device must be cpu, cuda or mps, got {a.device}")
 
 
-def encode_prompt(model, tok: Tokenizer, prompt: str, system: str | None, max_new_tokens: int):
+def encode_prompt(model, tok: Tokenizer, prompt: str, system: str | None, max_new_tokens: int, image_size=None):
     """The prompt's ids (L,) on the model's device, `<image>` expanded, and how many tokens to generate:
-    at most max_new_tokens, and no more than the context has room for (a prompt it cannot hold is an error)."""
+    at most max_new_tokens, and no more than the context has room for (a prompt it cannot hold is an error).
+    `image_size` (height, width) is the image's: LLaVA-NeXT's image-token count depends on it."""
     cfg = model.cfg
-    ids = prompt_ids(tok, build_prompt(prompt, system), cfg.image_token_index, cfg.num_image_tokens)
+    ids = prompt_ids(tok, build_prompt(prompt, system, cfg.model_type), cfg.image_token_index,
+                     cfg.image_tokens(image_size))
     room = cfg.text.max_position_embeddings - len(ids)
     if room < 1:
         raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "
@@ -142,32 +169,29 @@ def run(a, out=None) -> dict:
     model = load_model(a.model, a.device, a.dtype)
     cfg = model.cfg
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
-    pixels = preprocess(image, cfg.preprocessor, pad_to_square=a.pad_square)
+    pixels, image_size = model_pixels(image, cfg, pad_to_square=a.pad_square)  # NeXT: tiles and the size
     system = system_text(a)
-    ids, max_new = encode_prompt(model, tok, a.prompt, system, a.max_new_tokens)
-    dcfg = damro.DamroConfig(a.alpha, a.beta, a.topk, a.outlier_attention)
-    if a.method == "damro" or a.compare:
-        dcfg.check(cfg.vision.num_patches)
-        damro.selection_layer(model)
+    ids, max_new = encode_prompt(model, tok, a.prompt, system, a.max_new_tokens, image_size)
+    names = a.compare or [a.method]
+    configs = {name: method_config(a, name) for name in names}
+    for name, mcfg in configs.items():  # every setting is checked before any answer starts
+        methods.get(name).check(model, mcfg)
     seed = a.seed if a.seed is not None else random.randrange(2**63)
 
     results = {}
-    for method in ("plain", "damro") if a.compare else (a.method,):
+    for name, mcfg in configs.items():
         sampler = generation.Sampler(a.temperature, a.top_p, seed, a.device)
-        result = {"method": method}
-        if method == "plain":
-            tokens = generation.generate(model, ids, pixels, sampler, max_new)
-        else:
-            outliers, tokens = damro.generate(model, ids, pixels, dcfg, sampler, max_new, batched=not a.two_forwards)
-            result |= {"alpha": a.alpha, "beta": a.beta, "topk": a.topk,
-                       "outlier_attention": a.outlier_attention, "outliers": outliers}
+        info, tokens = contrastive.generate(model, ids, pixels, methods.get(name), mcfg, sampler, max_new,
+                                            batched=not a.two_forwards, image_size=image_size)
+        result = {"method": name} | asdict(mcfg) | info
         if a.compare:
-            extra = f" (alpha {a.alpha}, beta {a.beta}, outliers {result['outliers']})" if method == "damro" else ""
-            out.write(f"[{method}{extra}]\n")
+            shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ({} if name == "plain" else
+                              {"alpha": mcfg.alpha, "beta": mcfg.beta} | info).items())
+            out.write(f"[{name}{f' ({shown})' if shown else ''}]\n")
         token_ids = stream(tokens, tok, out)
         result |= {"text": tok.decode(token_ids), "token_ids": token_ids,
                    "stopped_at_eos": token_ids[-1] == cfg.text.eos_token_id}
-        results[method] = result
+        results[name] = result
     common = {"image": a.image, "prompt": a.prompt, "system": system, "seed": seed, "temperature": a.temperature,
               "top_p": a.top_p, "max_new_tokens": max_new, "model": a.model}
     obj = {**common, **results} if a.compare else {**common, **results[a.method]}

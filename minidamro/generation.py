@@ -1,4 +1,4 @@
-"""Plain LLaVA decoding: a prefill step over the prompt with the image, then one decode step per token.
+"""The decoding steps: a prefill step over the prompt with the image, one decode step per token, the sampler.
 
 Sampling is reproducible by contract: one `torch.Generator` seeded once, and exactly one
 `torch.multinomial(probs, 1, generator=g)` per generated token, `probs` being the float32 softmax of the
@@ -59,24 +59,10 @@ def decode_step(model: Llava, tokens, caches: list[KVCache], capture: Capture | 
     return model.logits(h[:, -1])
 
 
-@torch.inference_mode()
-def decode_loop(model: Llava, first_logits, step, sampler: Sampler, max_new_tokens: int):
-    """Yield token ids: choose from the current logits, stop at EOS, else `step(token)` gives the next logits."""
-    logits = first_logits
-    for i in range(max_new_tokens):
-        token = sampler.choose(logits)
-        t = int(token)  # the one host sync per token
-        yield t
-        if t == model.cfg.text.eos_token_id or i == max_new_tokens - 1:
-            return
-        logits = step(token)
-
-
-@torch.inference_mode()
-def generate(model: Llava, ids, pixels, sampler: Sampler, max_new_tokens: int, capture: Capture | None = None):
-    """Plain decoding. ids: (L,) prompt ids with the image ids expanded; pixels (1, 3, S, S). Yields ids."""
-    features = model.encode_image(pixels.to(model.lm_head.weight.device), capture)[0]
-    cache = new_cache(model, len(ids) + max_new_tokens)
-    logits = prefill(model, model.embed(ids, features), cache, capture)
-    yield from decode_loop(model, logits, lambda t: decode_step(model, t, [cache], capture)[0],
-                           sampler, max_new_tokens)
+def generate(model: Llava, ids, pixels, sampler: Sampler, max_new_tokens: int, image_size=None):
+    """Plain decoding. ids: (L,) prompt ids with the image ids expanded; pixels (1, 3, S, S), or LLaVA-NeXT's
+    [base] + tiles (1 + n, 3, S, S) of an image of (height, width) `image_size`. Returns an iterator over the
+    generated ids: the contrastive core (contrastive.py) with one stream and no rule."""
+    from . import contrastive  # the core builds on the steps above, so it is imported when used
+    return contrastive.generate(model, ids, pixels, contrastive.PLAIN, None, sampler, max_new_tokens,
+                                image_size=image_size)[1]

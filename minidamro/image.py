@@ -76,13 +76,24 @@ def center_crop(x, crop_h: int, crop_w: int):
 
 def preprocess(image: Image.Image, cfg: dict = LLAVA_PREPROCESSOR, pad_to_square: bool = False) -> torch.Tensor:
     """A PIL image of any mode and size -> float32 pixels (1, 3, crop_h, crop_w)."""
-    if cfg.get("do_convert_rgb", True):
-        try:
-            image = to_rgb(image)
-        except ValueError as e:  # a mode Pillow cannot convert
-            raise MinidamroError(f"cannot convert a {image.mode} image to RGB: {e}") from None
+    image = convert_rgb(image, cfg)
     if pad_to_square:
         image = expand_to_square(image, cfg["image_mean"])
+    return clip_pixels(image, cfg)[None]
+
+
+def convert_rgb(image: Image.Image, cfg: dict) -> Image.Image:
+    if cfg.get("do_convert_rgb", True):
+        try:
+            return to_rgb(image)
+        except ValueError as e:  # a mode Pillow cannot convert
+            raise MinidamroError(f"cannot convert a {image.mode} image to RGB: {e}") from None
+    return image
+
+
+def clip_pixels(image: Image.Image, cfg: dict) -> torch.Tensor:
+    """CLIP's steps on one (already RGB) image: resize, centre crop, rescale, normalise -> (3, crop_h, crop_w).
+    LLaVA-NeXT runs them on each of its tiles (anyres.py)."""
     if cfg.get("do_resize", True):
         h, w = resize_size(image.height, image.width, cfg["size"])
         image = image.resize((w, h), resample=cfg.get("resample", 3))
@@ -100,4 +111,4 @@ def preprocess(image: Image.Image, cfg: dict = LLAVA_PREPROCESSOR, pad_to_square
         mean = torch.tensor(cfg["image_mean"], dtype=torch.float32)[:, None, None]
         std = torch.tensor(cfg["image_std"], dtype=torch.float32)[:, None, None]
         x = (x - mean) / std
-    return x[None].contiguous()
+    return x.contiguous()

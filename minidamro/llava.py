@@ -1,4 +1,7 @@
-"""LLaVA-1.5 glue: the projector, the merge of image features into the prompt, and strict loading.
+"""LLaVA glue: the projector, the merge of image features into the prompt, and strict loading.
+
+One architecture for LLaVA-1.5 and LLaVA-NeXT (1.6): NeXT is 1.5 plus an image-packing step (anyres.py)
+and one learned `image_newline` vector.
 
 A converted checkpoint directory (see weights_convert.py) holds `config.json` (minidamro's own,
 flattened from the Hugging Face one), `model.safetensors` in minidamro's key names, `tokenizer.model`.
@@ -11,12 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import MinidamroError
+from . import MinidamroError, anyres, fastlinear
 from .capture import Capture
 from .llama import LlamaModel, TextConfig
 from .vision import CLIPVisionTower, VisionConfig, hidden_state_index
 
 FORMAT_VERSION = 1
+MODEL_TYPES = ("llava", "llava_next")  # LLaVA-1.5, LLaVA-NeXT (1.6)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -30,6 +34,8 @@ class LlavaConfig:
     preprocessor: dict = field(default_factory=dict)  # see image.py
     special_tokens: dict = field(default_factory=dict)  # added tokens beyond the sentencepiece vocabulary
     torch_dtype: str = "float32"                     # dtype the weights are stored in
+    model_type: str = "llava"                        # "llava" (1.5) or "llava_next" (1.6, anyres tiles)
+    image_grid_pinpoints: list = field(default_factory=list)  # NeXT: the canvases (height, width) tiles fill
 
     @property
     def feature_hidden_index(self) -> int:  # 0 = embeddings after pre_layrnorm, i = output of layer i - 1
@@ -37,7 +43,15 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
+        """Image features per tile (LLaVA-1.5's whole image is one tile)."""
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    def image_tokens(self, image_size=None) -> int:
+        """Image ids the prompt needs for an image of (height, width) `image_size` (NeXT's count depends on it)."""
+        if self.model_type == "llava":
+            return self.num_image_tokens
+        return anyres.num_image_tokens(image_size, self.image_grid_pinpoints, self.vision.image_size,
+                                       self.num_image_tokens)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaConfig":
@@ -67,7 +81,9 @@ class Llava(nn.Module):
         self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_feature_layer)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
         self.language_model = LlamaModel(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = fastlinear.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.model_type == "llava_next":  # follows every row of NeXT's tile grid (anyres.pack)
+            self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
 
     def encode_image(self, pixels, capture: Capture | None = None, hidden_states: list | None = None):
         """pixels (B, 3, S, S) -> projected image features (B, num_image_tokens, D_text)."""
@@ -76,6 +92,19 @@ class Llava(nn.Module):
             # LLaVA drops [CLS]: ViT token j + 1 is image token j of the LLM (the CLS off-by-one).
             h = h[:, 1:]
         return self.multi_modal_projector(h)
+
+    def image_features(self, pixels, image_size=None, capture: Capture | None = None):
+        """pixels -> the (n, D_text) embeddings that replace the prompt's n image ids. LLaVA-1.5: the one
+        tile's features. NeXT: pixels are [base] + tiles (anyres.preprocess), packed for an image of
+        (height, width) `image_size`."""
+        return self.pack_features(self.encode_image(pixels, capture), image_size)
+
+    def pack_features(self, tiles, image_size=None):
+        """Per-tile features (tiles, num_image_tokens, D) -> the prompt's image embeddings (n, D)."""
+        if self.cfg.model_type == "llava":
+            return tiles[0]
+        return anyres.pack(tiles, image_size, self.image_newline, self.cfg.image_grid_pinpoints,
+                           self.cfg.vision.image_size)
 
     def embed(self, ids, features):
         """Prompt ids (L,) -> embeddings (1, L, D) with the `<image>` positions replaced, in order, by `features`
@@ -110,6 +139,9 @@ def read_config(model_dir: str) -> LlavaConfig:
         raise MinidamroError(f"{path} is incomplete: {e}") from None
     if cfg.torch_dtype not in DTYPES or not isinstance(cfg.preprocessor, dict) or "image_mean" not in cfg.preprocessor:
         raise MinidamroError(f"{path} is malformed: torch_dtype or preprocessor settings (convert the model again)")
+    if cfg.model_type not in MODEL_TYPES or (cfg.model_type == "llava_next") != bool(cfg.image_grid_pinpoints):
+        raise MinidamroError(f"{path} is malformed: model_type {cfg.model_type!r} or its image_grid_pinpoints "
+                             "(convert the model again)")
     return cfg
 
 
@@ -165,12 +197,30 @@ def check_state_dict(expected: dict, got: dict, where: str):
 def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
     """Build the model on the meta device and assign the memory-mapped weights: no second copy on the CPU
     when the stored dtype is the one asked for (otherwise each tensor is converted once)."""
+    fastlinear.forced()  # a wrong MINIDAMRO_LINEAR is an error now, not at the first token
     cfg = read_config(model_dir)
     dtype = DTYPES[dtype or cfg.torch_dtype]
     with torch.device("meta"):
         model = Llava(cfg)
-    weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
-    check_state_dict(model.state_dict(), weights, f"weights in {model_dir} do not match its config")
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    path = os.path.join(model_dir, "model.safetensors")
+    mapped = read_safetensors(path)
+    check_state_dict(model.state_dict(), mapped, f"weights in {model_dir} do not match its config")
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in mapped.items()}
     model.load_state_dict(weights, strict=True, assign=True)
+    pack_linears(model, path, {k for k, v in weights.items() if v is mapped[k]})
     return model.eval().requires_grad_(False)
+
+
+def pack_linears(model: Llava, path: str, mapped: set):
+    """Give each decoder linear layer whose weight is still a view of the file a oneDNN-packed copy where
+    fastlinear finds that faster. The copy is packed from the file's bytes read into a temporary buffer (page
+    cache, not this process's memory), so the mapped original is never touched and costs no memory."""
+    for name, m in model.named_modules():
+        if isinstance(m, fastlinear.Linear) and name + ".weight" in mapped and fastlinear.packing_pays(m.weight):
+            w = m.weight
+            buf = torch.empty(w.numel() * w.element_size(), dtype=torch.uint8)
+            with open(path, "rb") as f:
+                f.seek(w.storage_offset() * w.element_size())  # the mapping starts at byte 0 of the file
+                if f.readinto(buf.numpy()) != len(buf):
+                    raise MinidamroError(f"cannot read weights {path}: {name} is cut short")
+            m.packed = fastlinear.pack(buf.view(w.dtype).view(w.shape))

@@ -12,6 +12,10 @@ from sentencepiece import SentencePieceProcessor
 from . import MinidamroError
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # llava-hf's chat template for one image and one turn
+# The template follows the checkpoint: llava-hf's llava-v1.6-vicuna-7b-hf renders one turn exactly as
+# LLaVA-1.5 does. (The v1.6 mistral variant's "[INST] <image>\n{prompt} [/INST]" and its other vocabulary
+# are not supported: the converter accepts only a LLaMA decoder with a sentencepiece tokenizer.model.)
+TEMPLATES = {"llava": TEMPLATE, "llava_next": TEMPLATE}
 # The llava_v1 system text that the DAMRO scripts prepend (pass it with --system to reproduce them).
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -21,8 +25,8 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 
-def build_prompt(prompt: str, system: str | None = None) -> str:
-    text = TEMPLATE.format(prompt=prompt)
+def build_prompt(prompt: str, system: str | None = None, model_type: str = "llava") -> str:
+    text = TEMPLATES[model_type].format(prompt=prompt)
     return f"{system} {text}" if system else text
 
 

@@ -10,7 +10,8 @@ import tiny  # noqa: E402
 import torch  # noqa: E402
 
 # The test models are tiny: one thread is fastest, and several threads spin badly on a busy 2-core machine.
-torch.set_num_threads(1)
+# MINIDAMRO_TEST_THREADS=n runs the suite on n threads instead (the float bounds must hold on any count).
+torch.set_num_threads(int(os.environ.get("MINIDAMRO_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,26 @@ def checkpoints(tmp_path_factory, hf_checkpoints):
     root = tmp_path_factory.mktemp("converted")
     out = {}
     for name, src in hf_checkpoints.items():
+        out[name] = str(root / name)
+        weights_convert.convert(src, out[name])
+    return out
+
+
+@pytest.fixture(scope="session")
+def next_hf_checkpoints(tmp_path_factory, tokenizer_model):
+    """name -> directory of a tiny random llava-hf style LLaVA-NeXT checkpoint."""
+    root = tmp_path_factory.mktemp("hf_next")
+    return {name: tiny.build_hf_checkpoint(name, str(root / name), tokenizer_model, seed=10 + i)
+            for i, name in enumerate(tiny.NEXT_CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def next_checkpoints(tmp_path_factory, next_hf_checkpoints):
+    """name -> the same NeXT checkpoint converted by weights_convert.py (float32)."""
+    import weights_convert
+    root = tmp_path_factory.mktemp("converted_next")
+    out = {}
+    for name, src in next_hf_checkpoints.items():
         out[name] = str(root / name)
         weights_convert.convert(src, out[name])
     return out

@@ -20,7 +20,7 @@ released code:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,7 @@ class RefResult:
     tokens: list[int]            # generated ids
     full_lengths: list[int]      # full-stream cache length after prefill and after each decode step
     cd_lengths: list[int]        # contrastive-stream cache length, same points
+    logits: list = field(default_factory=list)  # (l, l_cd) the choice of each token was made from
 
 
 def _as_list(ids) -> list[int]:
@@ -45,6 +46,10 @@ def _as_list(ids) -> list[int]:
 
 def _cache_len(cache) -> int:
     return int(cache.get_seq_length())
+
+
+def _at_least_float32(dtype):
+    return torch.promote_types(dtype, torch.float32)
 
 
 class DamroReference:
@@ -86,7 +91,7 @@ class DamroReference:
         if per_head:
             out = self.model.model.vision_tower(pixels, output_attentions=True, return_dict=True)
             att = out.attentions[self.selection_layer()]          # [1, H, 1+N, 1+N]
-            return att[0, :, 0, :].float().mean(0)[1:]
+            return att[0, :, 0, :].to(_at_least_float32(att.dtype)).mean(0)[1:]
         captured = {}
 
         def hook(name):
@@ -101,7 +106,8 @@ class DamroReference:
         finally:
             for h in handles:
                 h.remove()
-        q, k = captured["q"][0].float(), captured["k"][0].float()    # [1+N, D]
+        dtype = _at_least_float32(captured["q"].dtype)  # float64 for the tests' exact values
+        q, k = captured["q"][0].to(dtype), captured["k"][0].to(dtype)    # [1+N, D]
         assert q.shape == (1 + self.num_patches, self.width), q.shape
         scores = (q[0] @ k.T) / math.sqrt(q.shape[-1])                 # full width, no head split
         return torch.softmax(scores, dim=-1)[1:]
@@ -179,10 +185,12 @@ class DamroReference:
         l, l_cd = out_full.logits[:, -1].float(), out_cd.logits[:, -1].float()
 
         tokens: list[int] = []
+        logits = []
         for _ in range(max_new_tokens):
             d = self.damro_scores(l, l_cd, alpha, beta)
             t = self.pick(d, temperature, top_p, g)
             tokens.append(t)
+            logits.append((l[0], l_cd[0]))
             if t == eos or len(tokens) == max_new_tokens:
                 break
             step = torch.tensor([[t]])
@@ -191,7 +199,7 @@ class DamroReference:
             full_lengths.append(_cache_len(cache_full))
             cd_lengths.append(_cache_len(cache_cd))
             l, l_cd = out_full.logits[:, -1].float(), out_cd.logits[:, -1].float()
-        return RefResult(outliers, tokens, full_lengths, cd_lengths)
+        return RefResult(outliers, tokens, full_lengths, cd_lengths, logits)
 
     @torch.no_grad()
     def generate_plain(self, ids, pixels, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import tiny
+import tolerance
 from minidamro import MinidamroError, damro, generation
 from minidamro.analyze import analyze, main, outlier_share, overlap, split_words, write
 from minidamro.image import preprocess
@@ -46,8 +47,10 @@ def test_overlap_and_share_on_hand_made_rows():
     dec = [0.4, 0.1, 0.0, 0.2, 0.2, 0.1]    # ranking 0, 3, 4 (tie, 3 first), 1, 5, 2
     # S_v: {1}, {1,3}, {1,3,2}, {1,3,2,4}, ...; S_l: {0}, {0,3}, {0,3,4}, {0,3,4,1}, {0,3,4,1,5}, ...
     assert [overlap(vit, dec, i) for i in range(1, 7)] == [0, 1 / 2, 1 / 3, 3 / 4, 4 / 5, 1]
-    assert outlier_share(vit, dec) == pytest.approx((0.1 + 0.2 + 0.0) / 1.0, abs=1e-15)
-    assert outlier_share(dec, dec, 1) == pytest.approx(0.4)
+    # Python floats (double): a sum of 3 and one of 6 terms, one division: within 10 double roundings
+    eps = 2.0 ** -53
+    assert outlier_share(vit, dec) == pytest.approx((0.1 + 0.2 + 0.0) / 1.0, rel=10 * eps, abs=0)
+    assert outlier_share(dec, dec, 1) == pytest.approx(0.4, rel=10 * eps, abs=0)
     assert overlap(torch.tensor(vit), torch.tensor(vit), 4) == 1.0
 
 
@@ -62,10 +65,11 @@ def test_words_merge_pieces(checkpoints):
 
 # --- every number against transformers ---------------------------------------------------------------------
 
-def hf_reference(hf_dir, tokenizer_model, image, tokens, mode="full"):
-    """ViT [CLS] row (patches), decoder rows over the image tokens, from LlavaForConditionalGeneration (eager)."""
+def hf_reference(hf_dir, tokenizer_model, image, tokens, mode="full", dtype=torch.float32):
+    """ViT [CLS] row (patches), decoder rows over the image tokens, from LlavaForConditionalGeneration (eager);
+    in float64, the exact values the float bounds measure rounding against (tests/tolerance.py)."""
     from transformers import CLIPImageProcessorPil
-    model, tok = tiny.hf_model(hf_dir), tiny.hf_tokenizer(tokenizer_model)
+    model, tok = tiny.hf_model(hf_dir, dtype), tiny.hf_tokenizer(tokenizer_model)
     cfg = model.config
     with open(os.path.join(hf_dir, "preprocessor_config.json")) as f:
         pre = json.load(f)
@@ -107,17 +111,29 @@ def test_analysis_matches_transformers(name, method, mode, checkpoints, hf_check
     js = json.loads((tmp_path / "analysis.json").read_text())
     tokens = [t["id"] for t in js["tokens"]]
     ids, vit, rows, offset = hf_reference(hf_checkpoints[name], tokenizer_model, image, tokens, mode)
+    _, vit64, rows64, _ = hf_reference(hf_checkpoints[name], tokenizer_model, image, tokens, mode, torch.float64)
     assert ids == prompt_ids(tok, build_prompt(PROMPT), model.cfg.image_token_index, model.cfg.num_image_tokens)
     assert js["patch_offset"] == offset and js["grid"] ** 2 == len(vit)
-    assert js["vit_attention"] == pytest.approx(vit.tolist(), abs=1e-5)
+    tolerance.assert_close(torch.tensor(js["vit_attention"]), vit, vit64, "analysis: ViT [CLS] attention")
+    # the outliers (top 5) and H_i (top i <= 10) rank the ViT row: no near-tie among its 10 greatest
+    tolerance.assert_clear_ranking(vit, tolerance.bound(vit, vit64).max().item(), "analysis: ViT [CLS] attention", k=10)
     assert js["outliers"] == vit.topk(5).indices.tolist()
     assert len(tokens) == len(rows) == 10 and js["answer"] == tok.decode(tokens)
-    vit = vit.tolist()
-    for t, row in zip(js["tokens"], rows.tolist()):
-        assert t["attention"] == pytest.approx(row, abs=1e-5)
-        patches = row[offset:]  # with [CLS] kept, image token 0 is [CLS]: H and F are over the patches
-        assert t["H"] == [len(ranked(vit, i) & ranked(patches, i)) / i for i in range(1, 11)]
-        assert t["F"] == pytest.approx(sum(patches[j] for j in ranked(vit, 3)) / sum(patches), abs=1e-5)
+    top3 = list(ranked(vit.tolist(), 3))
+    for t, row, row64 in zip(js["tokens"], rows, rows64):
+        tolerance.assert_close(torch.tensor(t["attention"]), row, row64, "analysis: decoder attention row")
+        # H_i ranks each row's patches up to i = 10 and compares with the ViT ranking: no near-tie there
+        tolerance.assert_clear_ranking(row[offset:], tolerance.bound(row, row64).max().item(),
+                                       "analysis: decoder attention row", k=10)
+        patches = row[offset:].tolist()  # with [CLS] kept, image token 0 is [CLS]: H and F are over the patches
+        assert t["H"] == [len(ranked(vit.tolist(), i) & ranked(patches, i)) / i for i in range(1, 11)]
+        # F = a / b (a: the row's attention on the ViT's top 3 patches, b: on all patches), in float64 from the
+        # float32 row as analyze does: the row's elementwise bound t propagates to |dF| <= sum_top3 t / b +
+        # a sum t / b^2 (first order; the float64 roundings are 1e-16).
+        p, t_p = row[offset:].double(), tolerance.bound(row, row64)[offset:]
+        a, b = p[top3].sum(), p.sum()
+        bound_F = (t_p[top3].sum() / b + a * t_p.sum() / b ** 2).item()
+        assert abs(t["F"] - (a / b).item()) <= bound_F, f"analysis: F {t['F']} vs {(a / b).item()}, bound {bound_F:.3g}"
         names = {tiny.IMAGE_TOKEN: "<image>", tiny.PAD_TOKEN: "<pad>"}  # and no piece at all for ids 402..
         piece = tok.sp.id_to_piece(t["id"]) if t["id"] < tiny.SP_VOCAB else names.get(t["id"], f"<id {t['id']}>")
         assert t["piece"] == piece
@@ -179,10 +195,14 @@ def test_planted_attention_gives_known_h_and_f(checkpoints, image, tmp_path):
     L = len(prompt_ids(tok, build_prompt(PROMPT), model.cfg.image_token_index, model.cfg.num_image_tokens))
     # uniform decoder attention: all 16 image tokens tie, so S_l(i) = {0, ..., i - 1} (ties to the lower index)
     expected_h = [0, 1 / 2, 1 / 3, 1 / 4, 2 / 5, 3 / 6, 4 / 7, 4 / 8, 5 / 9, 7 / 10]
+    # Float bounds from the rounding of these computations (u = 2^-24): each probability is exp(0) = 1 over an
+    # integer sum, one rounding; the mean of 2 layers x 4 heads of equal values adds at most 7 (the division by
+    # 8 is exact), so rel 9u. F = (sum of 3 equal values) / (sum of 16): at most 2 + 15 + 1 roundings, rel 18u.
+    u = tolerance.unit_roundoff(torch.float32)
     for t, token in enumerate(a.tokens):
-        assert token.attention == pytest.approx([1 / (L + t)] * 16, rel=1e-6)
+        assert token.attention == pytest.approx([1 / (L + t)] * 16, rel=9 * u, abs=0)
         assert token.H == expected_h
-        assert token.F == pytest.approx(3 / 16, abs=1e-12)
+        assert token.F == pytest.approx(3 / 16, rel=18 * u, abs=0)
 
 
 # --- files and the command line ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidamro import damro, generation
+from minidamro import contrastive, damro, generation
 from minidamro.generate import main
 from minidamro.image import preprocess
 from minidamro.llava import load_model
@@ -72,12 +72,12 @@ def test_damro_json_carries_the_outliers(capsys, checkpoints, image):
 @pytest.mark.parametrize("flag, batched", [([], True), (["--two-forwards"], False)])
 def test_two_forwards_selects_the_unbatched_path(capsys, checkpoints, image, monkeypatch, flag, batched):
     seen = []
-    real = damro.generate
+    real = contrastive.generate
 
     def spy(*args, **kwargs):
         seen.append(kwargs["batched"])
         return real(*args, **kwargs)
-    monkeypatch.setattr(damro, "generate", spy)
+    monkeypatch.setattr(contrastive, "generate", spy)
     ok(capsys, image, "--model", checkpoints["last"], "--method", "damro", "--topk", "2", "--max-new-tokens", "4", *flag)
     assert seen == [batched]
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
+import tolerance
 import weights_convert
 from minidamro import MinidamroError
 from minidamro.image import LLAVA_PREPROCESSOR
@@ -56,7 +57,8 @@ def sources(tmp_path_factory, tokenizer_model):
     root = tmp_path_factory.mktemp("layouts")
     base = tiny.build_hf_checkpoint(NAME, str(root / "v5"), tokenizer_model, seed=7)
     model = tiny.hf_model(base)
-    out = {"v5": base, "ref": load_file(os.path.join(base, "model.safetensors")), "hf_model": model}
+    out = {"v5": base, "ref": load_file(os.path.join(base, "model.safetensors")), "hf_model": model,
+           "hf_model64": tiny.hf_model(base, dtype=torch.float64)}  # the exact values, for the float bound
     for layout, kwargs in [("v5-sharded", dict(max_shard_size="20KB")),
                            ("inmem", dict(save_original_format=False)),
                            ("inmem-sharded", dict(save_original_format=False, max_shard_size="20KB"))]:
@@ -127,7 +129,8 @@ def test_all_layouts_give_identical_logits(sources, converted):
         assert torch.equal(x, logits[0]), layout
     with torch.inference_mode():
         hf = sources["hf_model"](input_ids=ids[None], pixel_values=pixels).logits[0]
-    torch.testing.assert_close(logits[0], hf, rtol=1e-5, atol=1e-6)  # the tolerance of test_parity.py
+        exact = sources["hf_model64"](input_ids=ids[None], pixel_values=pixels).logits[0]
+    tolerance.assert_close(logits[0], hf, exact, "logits of the converted checkpoint")  # the rule of test_parity.py
 
 
 @pytest.mark.parametrize("name", list(tiny.CONFIGS))
@@ -293,8 +296,14 @@ ERRORS = {  # case -> (how to break a copy of the v5 (or v5-sharded) checkpoint,
     "no-src": (lambda s: shutil.rmtree(s), "does not exist"),
     "no-config": (lambda s: os.remove(os.path.join(s, "config.json")), "config.json"),
     "bad-json": (lambda s: open(os.path.join(s, "config.json"), "w").write("{"), "cannot read"),
+    "mistral": (lambda s: edit_json(os.path.join(s, "config.json"), lambda c: c.update(model_type="mistral")),
+                "model_type 'mistral' is not supported"),
+    # a LLaVA-1.5 checkpoint declared NeXT: the default pinpoints (336 px) do not tile 30 px, [CLS] is kept
     "llava-next": (lambda s: edit_json(os.path.join(s, "config.json"), lambda c: c.update(model_type="llava_next")),
-                   "'llava_next'"),
+                   "unsupported image_grid_pinpoints [[336, 672]"),
+    "next-no-newline": (lambda s: edit_json(os.path.join(s, "config.json"), lambda c: c.update(
+        model_type="llava_next", image_grid_pinpoints=[[30, 60]], vision_feature_select_strategy="default")),
+        "missing: image_newline"),
     "feature-layers": (lambda s: edit_json(os.path.join(s, "config.json"),
                                            lambda c: c.update(vision_feature_layer=[-2, -5])), "vision_feature_layer"),
     "rope-scaling": (lambda s: edit_json(os.path.join(s, "config.json"), lambda c: c["text_config"].update(

@@ -17,6 +17,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 import minidamro.llama
 import minidamro.vision
 import tiny
+import tolerance
 from minidamro import MinidamroError
 from minidamro.capture import Capture
 from minidamro.generation import Sampler, decode_step, generate, prefill
@@ -25,14 +26,15 @@ from minidamro.llama import KVCache
 from minidamro.llava import load_model
 from minidamro.tokenizer import build_prompt
 
-TOL = dict(rtol=1e-5, atol=1e-6)  # float32 everywhere; the one tolerance of every float comparison below
 NAMES = list(tiny.CONFIGS)
 PROMPT = build_prompt("What is shown in this picture? Describe it in detail.")
 
 
-def assert_close(got, expected, what):
-    assert got.dtype == expected.dtype == torch.float32, what
-    torch.testing.assert_close(got, expected, **TOL, msg=lambda m: f"{what}: {m}")
+def assert_close(got, expected, exact, what):
+    """got and expected in float32, within the rounding bound of tests/tolerance.py; exact: the same
+    computation in float64."""
+    assert got.dtype == expected.dtype == torch.float32 and exact.dtype == torch.float64, what
+    tolerance.assert_close(got, expected, exact, what)
 
 
 def noise_image(w: int, h: int, seed: int) -> Image.Image:
@@ -61,22 +63,29 @@ class Case:
 
         # HF's full forward over the prompt, with every hidden state and attention, and the embeddings it
         # hands to the language model (the merge happens inside LlavaModel.forward).
-        seen = {}
-
-        def grab(module, args, kwargs):
-            seen["embeds"] = kwargs["inputs_embeds"].clone()
-        hook = self.hf.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-        with torch.no_grad():
-            self.out = self.hf(input_ids=self.ids[None], pixel_values=self.pixels, output_attentions=True,
-                               output_hidden_states=True)
-        hook.remove()
-        self.hf_embeds = seen["embeds"]
+        # The same in float64 (same weights, same inputs): the exact values the float tolerances measure the
+        # float32 rounding error against (tests/tolerance.py).
+        self.hf64 = tiny.hf_model(hf_dir, dtype=torch.float64)
+        self.out, self.hf_embeds = self.hf_forward(self.hf)
+        self.out64, self.hf_embeds64 = self.hf_forward(self.hf64)
         # The fast path's reference is HF's fast path: SDPA sums in another order than eager attention, and the
         # two differ by a float32 ulp or so, which is not a property of either implementation.
         hf_sdpa = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32,
                                                                 attn_implementation="sdpa").eval()
         with torch.no_grad():
             self.sdpa_logits = hf_sdpa(input_ids=self.ids[None], pixel_values=self.pixels).logits
+
+    def hf_forward(self, hf):
+        seen = {}
+
+        def grab(module, args, kwargs):
+            seen["embeds"] = kwargs["inputs_embeds"].clone()
+        hook = hf.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        with torch.no_grad():
+            out = hf(input_ids=self.ids[None], pixel_values=self.pixels, output_attentions=True,
+                     output_hidden_states=True)
+        hook.remove()
+        return out, seen["embeds"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +100,10 @@ def cases():
 
 @pytest.fixture(params=NAMES)
 def case(request, cases, hf_checkpoints, checkpoints, hf_tok) -> Case:
-    name = request.param
+    return get_case(request.param, cases, hf_checkpoints, checkpoints, hf_tok)
+
+
+def get_case(name, cases, hf_checkpoints, checkpoints, hf_tok) -> Case:
     if name not in cases:
         cases[name] = Case(name, hf_checkpoints[name], checkpoints[name], hf_tok)
     return cases[name]
@@ -118,12 +130,12 @@ def test_vit_hidden_states(case):
     layers = tuple(range(len(case.model.vision_tower.encoder.layers)))
     hidden = []
     case.model.encode_image(case.pixels, Capture(vit_layers=layers), hidden_states=hidden)
-    expected = case.out.image_outputs.hidden_states
+    expected, exact = case.out.image_outputs.hidden_states, case.out64.image_outputs.hidden_states
     n = case.model.cfg.feature_hidden_index
     assert n == case.hf.config.vision_feature_layer % len(expected) and len(layers) == n
     assert len(hidden) == n + 1
     for i, h in enumerate(hidden):
-        assert_close(h, expected[i], f"ViT hidden state {i}")
+        assert_close(h, expected[i], exact[i], f"ViT hidden state {i}")
     # The fast path appends the same number of hidden states, ending with the same feature layer.
     fast = []
     case.model.encode_image(case.pixels, hidden_states=fast)
@@ -134,14 +146,15 @@ def test_image_features(case):
     got = case.model.encode_image(case.pixels)
     with torch.no_grad():
         expected = case.hf.get_image_features(pixel_values=case.pixels).pooler_output
+        exact = case.hf64.get_image_features(pixel_values=case.pixels).pooler_output
     assert got.shape == (1, case.model.cfg.num_image_tokens, case.model.cfg.text.hidden_size)
-    assert_close(got[0], expected[0], "projected image features")
+    assert_close(got[0], expected[0], exact[0], "projected image features")
 
 
 def test_merged_embeddings(case):
     features = case.model.encode_image(case.pixels)[0]
     embeds = case.model.embed(case.ids, features)
-    assert_close(embeds, case.hf_embeds, "merged input embeddings")
+    assert_close(embeds, case.hf_embeds, case.hf_embeds64, "merged input embeddings")
     # The image positions really hold the features, in order (not, e.g., the <image> embedding).
     slots = case.ids == case.model.cfg.image_token_index
     assert torch.equal(embeds[0, slots], features)
@@ -185,17 +198,21 @@ def hf_vit_qk(hf, pixels, layers):
 def test_vit_attention_and_qk_capture(case):
     model = case.model
     layers = tuple(range(len(model.vision_tower.encoder.layers)))
-    qk = hf_vit_qk(case.hf, case.pixels, layers)
+    qk, qk64 = hf_vit_qk(case.hf, case.pixels, layers), hf_vit_qk(case.hf64, case.pixels, layers)
     cap = Capture(vit_layers=layers, vit_qk_layers=layers)
     features = model.encode_image(case.pixels, cap)
     assert sorted(cap.vit_attn) == sorted(cap.vit_q) == sorted(cap.vit_k) == list(layers)
     for i in layers:
-        assert_close(cap.vit_attn[i], case.out.image_outputs.attentions[i], f"ViT attention probabilities, layer {i}")
-        assert_close(cap.vit_q[i], qk["q", i], f"ViT q_proj output, layer {i}")
-        assert_close(cap.vit_k[i], qk["k", i], f"ViT k_proj output, layer {i}")
+        assert_close(cap.vit_attn[i], case.out.image_outputs.attentions[i], case.out64.image_outputs.attentions[i],
+                     f"ViT attention probabilities, layer {i}")
+        assert_close(cap.vit_q[i], qk["q", i], qk64["q", i], f"ViT q_proj output, layer {i}")
+        assert_close(cap.vit_k[i], qk["k", i], qk64["k", i], f"ViT k_proj output, layer {i}")
     assert not cap.llm_attn
     # Capturing does not change the result.
-    assert_close(features, model.encode_image(case.pixels), "image features with and without capture")
+    # (the fast path's ViT sums its attention in another order: the bound of the image features stage)
+    with torch.no_grad():
+        exact = case.hf64.get_image_features(pixel_values=case.pixels).pooler_output
+    assert_close(model.encode_image(case.pixels)[0], features[0], exact[0], "image features with and without capture")
     # Asking for some layers stores those only.
     some = Capture(vit_layers=layers[-1:], vit_qk_layers=layers[:1])
     model.encode_image(case.pixels, some)
@@ -228,7 +245,8 @@ def test_full_sequence_logits(case, path, monkeypatch):
     h = model.language_model(model.embed(case.ids, features), [cache], capture)
     assert cache.length == L
     expected = case.out.logits if path == "eager-capture" else case.sdpa_logits
-    assert_close(model.logits(h), expected, f"full-sequence logits ({path})")
+    # float64 eager is the exact value for both paths (the exact sum does not depend on its order)
+    assert_close(model.logits(h), expected, case.out64.logits, f"full-sequence logits ({path})")
     if path != "eager-capture":  # a decode step takes the fast path too
         decode_step(model, model.logits(h[0, -1]).argmax()[None], [cache], capture)
     if path == "sdpa-empty-capture":
@@ -242,11 +260,12 @@ def test_llm_attention_capture_prefill_and_decode(case):
     cache = KVCache(model.cfg.text, L + 2)
     cap = Capture(llm_layers=tuple(range(n_layers)))
     logits = prefill(model, prompt_embeds(case), cache, cap)
-    assert_close(logits, case.out.logits[0, -1], "prefill logits of the last position")
+    assert_close(logits, case.out.logits[0, -1], case.out64.logits[0, -1], "prefill logits of the last position")
     for i in range(n_layers):
         assert len(cap.llm_attn[i]) == 1
         assert cap.llm_attn[i][0].shape == (H, L, L)
-        assert_close(cap.llm_attn[i][0], case.out.attentions[i][0], f"LLM attention, prefill, layer {i}")
+        assert_close(cap.llm_attn[i][0], case.out.attentions[i][0], case.out64.attentions[i][0],
+                     f"LLM attention, prefill, layer {i}")
 
     # One decode step on the cache, capturing only the last layer.
     token = logits.argmax()[None]  # (1,)
@@ -255,10 +274,12 @@ def test_llm_attention_capture_prefill_and_decode(case):
     step_logits = decode_step(model, token, [cache], step_cap)
     with torch.no_grad():
         hf_step = hf(input_ids=token[None], cache=copy.deepcopy(case.out.cache), output_attentions=True)
-    assert_close(step_logits, hf_step.logits[:, -1], "decode-step logits")
+        hf_step64 = case.hf64(input_ids=token[None], cache=copy.deepcopy(case.out64.cache), output_attentions=True)
+    assert_close(step_logits, hf_step.logits[:, -1], hf_step64.logits[:, -1], "decode-step logits")
     assert list(step_cap.llm_attn) == [last] and len(step_cap.llm_attn[last]) == 1
     assert step_cap.llm_attn[last][0].shape == (H, 1, L + 1)
-    assert_close(step_cap.llm_attn[last][0], hf_step.attentions[last][0], "LLM attention, decode step")
+    assert_close(step_cap.llm_attn[last][0], hf_step.attentions[last][0], hf_step64.attentions[last][0],
+                 "LLM attention, decode step")
     assert cache.length == L + 1
 
 
@@ -266,6 +287,9 @@ def test_cached_decoding_equals_recomputation(case):
     """Each decode step on the KV cache gives the logits of a from-scratch forward over the whole sequence."""
     model, L, steps = case.model, len(case.ids), 10
     embeds = prompt_embeds(case)
+    # the exact values: minidamro's own forward in float64 (the same weights, inputs and steps)
+    model64 = copy.deepcopy(model).to(torch.float64)
+    embeds64 = model64.embed(case.ids, model64.encode_image(case.pixels.double())[0])
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.text.vocab_size, (steps,), generator=g)  # any id, padded rows included
     cache = KVCache(model.cfg.text, L + steps)
@@ -275,7 +299,10 @@ def test_cached_decoding_equals_recomputation(case):
             logits = decode_step(model, tokens[s - 1:s], [cache])[0]
         seq = torch.cat([embeds, model.language_model.embed_tokens(tokens[:s])[None]], dim=1)  # (1, L + s, D)
         full = model.logits(model.language_model(seq, [KVCache(model.cfg.text, L + s)])[0, -1])
-        assert_close(logits, full, f"cached vs recomputed logits after {s} decode steps")
+        seq64 = torch.cat([embeds64, model64.language_model.embed_tokens(tokens[:s])[None]], dim=1)
+        cache64 = KVCache(model.cfg.text, L + s, dtype=torch.float64)
+        exact = model64.lm_head(model64.language_model(seq64, [cache64])[0, -1])
+        assert_close(logits, full, exact, f"cached vs recomputed logits after {s} decode steps")
     assert cache.length == L + steps
 
 
@@ -285,13 +312,18 @@ def test_cached_decoding_equals_recomputation(case):
 def test_greedy_generation_matches_hf(case):
     """Greedy tokens equal HF generate(do_sample=False), up to and including an EOS (id 2) if one comes."""
     n, lengths = 24, []
+    # Equal tokens follow from the float bound only if no step has a near-tie: the fixture must have margins
+    # (tiny.py scales the weights for that), and every step of HF's run is checked for one.
+    tol = tolerance.bound(case.out.logits, case.out64.logits).max().item()
     other = noise_image(61, 45, seed=7)
     for image, text in ((case.image, PROMPT), (other, build_prompt("The quick brown fox 0123456789 café 東京"))):
         inputs = case.processor(images=image, text=text, return_tensors="pt")
         ids = inputs.input_ids[0]
         with torch.no_grad():
-            out = case.hf.generate(**inputs, do_sample=False, max_new_tokens=n)
-        expected = out[0, len(ids):].tolist()
+            out = case.hf.generate(**inputs, do_sample=False, max_new_tokens=n, output_scores=True,
+                                   return_dict_in_generate=True)
+        tolerance.assert_clear_argmax(torch.cat(out.scores), tol, "HF's greedy logits")
+        expected = out.sequences[0, len(ids):].tolist()
         got = list(generate(case.model, ids, preprocess(image, case.model.cfg.preprocessor), Sampler(), n))
         assert got == expected
         assert len(got) == n or got[-1] == 2
@@ -351,4 +383,49 @@ def test_seeded_sampling_is_reproducible_and_follows_the_contract(case, temperat
     assert run(seed + 1) != first
 
 
-# ------------------------------------------------------------------------------------------------ weights
+# ------------------------------------------------------------------------------------- the bounds' power
+
+
+def mutant_logits(case, mutate):
+    """Full-sequence logits (fast path) of a copy of the model with one realistic mistake."""
+    model = copy.deepcopy(case.model)
+    mutate(model)
+    cache = KVCache(model.cfg.text, len(case.ids))
+    with torch.no_grad():
+        return model.logits(model.language_model(model.embed(case.ids, model.encode_image(case.pixels)[0]), [cache]))
+
+
+def swap_llm_layers(m):
+    m.language_model.layers[0], m.language_model.layers[1] = m.language_model.layers[1], m.language_model.layers[0]
+
+
+def set_rms_eps(m, eps):
+    for mod in m.language_model.modules():
+        if isinstance(mod, minidamro.llama.LlamaRMSNorm):
+            mod.eps = eps
+
+
+def vit(m, i):
+    return m.vision_tower.encoder.layers[i]
+
+
+MISTAKES = {
+    "a lost bias (ViT out_proj, last layer)": lambda m: vit(m, -1).self_attn.out_proj.bias.zero_(),
+    "RoPE base 10000 instead of the config's": lambda m: setattr(m.cfg.text, "rope_theta", 10000.0),
+    "RMSNorm eps x10": lambda m: set_rms_eps(m, m.cfg.text.rms_norm_eps * 10),
+    "exact GELU in the ViT instead of quick_gelu": lambda m: [setattr(layer.mlp, "act", torch.nn.functional.gelu)
+                                                            for layer in m.vision_tower.encoder.layers],
+    "two LLM layers swapped": swap_llm_layers,
+    "one weight row off by 2^-10 relative (ViT fc1, layer 0)": lambda m: vit(m, 0).mlp.fc1.weight[0].mul_(1 + 2 ** -10),
+}
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_bounds_catch_small_real_mistakes(mistake, cases, hf_checkpoints, checkpoints, hf_tok):
+    """The rounding bound of tests/tolerance.py is tight enough to fail on real mistakes, including small ones
+    (an eps off by 10, one weight row off by 2^-10), while the unmutated model passes it (the tests above).
+    On "gqa", the configuration with RoPE theta != 10000 and rms eps 1e-6."""
+    case = get_case("gqa", cases, hf_checkpoints, checkpoints, hf_tok)
+    logits = mutant_logits(case, MISTAKES[mistake])
+    with pytest.raises(AssertionError, match="exceeds the rounding bound"):
+        assert_close(logits, case.sdpa_logits, case.out64.logits, f"logits with {mistake}")

@@ -37,6 +37,17 @@ CONFIGS = {
                  vision_feature_layer=-1, vision_feature_select_strategy="default", size=40),
 }
 
+# LLaVA-NeXT in miniature: the v1.6 pinpoints scaled from 336 px to the tile size (1x2, 2x1, 2x2, 1x3, 3x1
+# tiles). "next_mha": the real proportions (processor size = crop = tile). "next_gqa": GQA, a positive feature
+# layer, more canvases (3x2, 1x1) and a processor that resizes to 36 before cropping 30, so every tile is
+# resized and cropped as in transformers, not merely passed through.
+NEXT_CONFIGS = {
+    "next_mha": dict(CONFIGS["mha"], pinpoints=[[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]),
+    "next_gqa": dict(CONFIGS["gqa"], vision_feature_select_strategy="default",
+                     pinpoints=[[30, 60], [60, 30], [60, 60], [90, 30], [30, 90], [90, 60], [30, 30]]),
+}
+ALL_CONFIGS = CONFIGS | NEXT_CONFIGS
+
 CORPUS_LINES = [
     "USER: What is in this image? ASSISTANT: A cat sits on a red sofa next to a window.",
     "The quick brown fox jumps over the lazy dog 0123456789 times.",
@@ -61,17 +72,24 @@ def train_tokenizer(path: str) -> str:
 
 
 def hf_config(name: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    c = CONFIGS[name]
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(**c["vision"]),
-        text_config=LlamaConfig(vocab_size=VOCAB, max_position_embeddings=512, **c["text"]),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=c["vision_feature_layer"],
-        vision_feature_select_strategy=c["vision_feature_select_strategy"])
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+    c = ALL_CONFIGS[name]
+    common = dict(vision_config=CLIPVisionConfig(**c["vision"]),
+                  text_config=LlamaConfig(vocab_size=VOCAB, max_position_embeddings=512, **c["text"]),
+                  image_token_index=IMAGE_TOKEN, vision_feature_layer=c["vision_feature_layer"],
+                  vision_feature_select_strategy=c["vision_feature_select_strategy"])
+    if name in NEXT_CONFIGS:
+        return LlavaNextConfig(**common, image_grid_pinpoints=c["pinpoints"])
+    return LlavaConfig(**common)
 
 
 def preprocessor_config(name: str) -> dict:
-    s, crop = CONFIGS[name]["size"], CONFIGS[name]["vision"]["image_size"]
+    s, crop = ALL_CONFIGS[name]["size"], ALL_CONFIGS[name]["vision"]["image_size"]
+    if name in NEXT_CONFIGS:
+        return preprocessor_config("mha") | {
+            "size": {"shortest_edge": s}, "crop_size": {"height": crop, "width": crop},
+            "image_processor_type": "LlavaNextImageProcessor", "do_pad": True,
+            "image_grid_pinpoints": NEXT_CONFIGS[name]["pinpoints"]}
     return {
         "crop_size": {"height": crop, "width": crop}, "do_center_crop": True, "do_convert_rgb": True,
         "do_normalize": True, "do_rescale": True, "do_resize": True,
@@ -85,9 +103,10 @@ def build_hf_checkpoint(name: str, out: str, tokenizer_model: str, seed: int = 0
     """Save a random LlavaForConditionalGeneration in llava-hf's hub layout: weights (transformers' default
     save format), tokenizer.model, tokenizer_config.json with the added tokens, preprocessor_config.json."""
     import shutil
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(hf_config(name))
+    cls = LlavaNextForConditionalGeneration if name in NEXT_CONFIGS else LlavaForConditionalGeneration
+    model = cls(hf_config(name))
     with torch.no_grad():
         for key, p in model.named_parameters():
             p.mul_(2)
@@ -125,6 +144,9 @@ def hf_tokenizer(tokenizer_model: str):
     return tok
 
 
-def hf_model(checkpoint: str, dtype=torch.float32):
-    from transformers import LlavaForConditionalGeneration
-    return LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager").eval()
+def hf_model(checkpoint: str, dtype=torch.float32, attn_implementation="eager"):
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        next_ = json.load(f)["model_type"] == "llava_next"
+    cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+    return cls.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn_implementation).eval()

@@ -1,0 +1,170 @@
+"""y = x W^T (+ b) for the few rows of a decode step, in whichever exact formulation is fastest on this machine.
+
+Decoding a token reads every weight once, so its speed is the speed at which the matrix-vector kernel reads
+W, and that depends on the CPU, the BLAS build, the dtype, the shape and the number of rows. Measured on a
+2-core AMD Zen 5 with MKL (torch 2.13): in float32, `F.linear` reads W at ~20 GB/s with one row and ~11 GB/s
+with two, while `W @ x^T` with two rows reads at 30-37 GB/s, so even one row is faster padded to two; in
+bfloat16 it is the other way round (`F.linear` ~29 GB/s with two rows, `W @ x^T` ~19) and `torch.mv` wins
+on some shapes only. On Intel with AMX the order differs again. So nothing is hard-coded: the first call
+for a (device, dtype, N, K, rows) times each formulation on a pool of weights of that shape larger than the
+caches, keeps the fastest for the rest of the process (a few tens of milliseconds once per shape), and
+`MINIDAMRO_LINEAR=<name>` forces one for reproduction. All compute the same sums; they may round differently
+(the order of the K products differs), within the usual float bound of a K-term dot product.
+
+Only CPU inputs of at most MAX_ROWS rows (decode steps) are tuned or forced; prefill (many rows, a GEMM that
+BLAS does well) and other devices always use `F.linear`. Apart from these, a layer can hold a oneDNN-packed
+copy of its weight (chosen at load, see `packing_pays` and llava.pack_linears), used then for every input.
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import MinidamroError
+
+ENV = "MINIDAMRO_LINEAR"
+MAX_ROWS = 2          # decode: 1 row plain, 2 rows DAMRO / VCD (both streams in one read of the weights)
+POOL_BYTES = 64 << 20  # weights cycled while timing: twice a 32 MB L3, so the timing reads memory, not cache
+MAX_COPIES = 64       # tiny shapes: their timing is call overhead anyway, keep it short
+
+
+def _linear(x, w, b):
+    return F.linear(x, w, b)
+
+
+def _matmul(x, w, b):  # W @ x^T: BLAS sees W untransposed, a different kernel than F.linear's x @ W^T
+    y = (w @ x.T).T
+    return y if b is None else y + b
+
+
+def _mv(x, w, b):  # one row only
+    y = torch.mv(w, x[0])[None]
+    return y if b is None else y + b
+
+
+def _pad2(x, w, b):  # one row only: repeated to two rows so that the two-row W @ x^T kernel serves it
+    y = (w @ x.expand(2, -1).contiguous().T)[:, 0][None]
+    return y if b is None else y + b
+
+
+FORMS = {"linear": _linear, "matmul": _matmul, "mv": _mv, "pad2": _pad2}
+ONE_ROW = ("mv", "pad2")  # forced with more rows, these fall back to "linear"
+NAMES = (*FORMS, "packed")  # "packed": oneDNN on a prepacked copy of the weight, chosen at load (see below)
+_chosen: dict = {}        # (device, dtype, N, K, rows, bias) -> name: the process-wide cache of measurements
+
+
+def candidates(rows: int) -> list[str]:
+    return [name for name in FORMS if rows == 1 or name not in ONE_ROW]
+
+
+def forced() -> str | None:
+    """The formulation MINIDAMRO_LINEAR forces, None for "auto" / unset; an unknown name is an error."""
+    name = os.environ.get(ENV, "auto")
+    if name == "auto":
+        return None
+    if name not in NAMES:
+        raise MinidamroError(f"{ENV}={name!r}: must be auto or one of {', '.join(NAMES)}")
+    return name
+
+
+def measure(w, rows: int, has_bias: bool, reps: int = 2) -> dict[str, float]:
+    """Seconds per call of each candidate, the best of `reps` interleaved passes over POOL_BYTES of weights
+    of w's width and dtype: row blocks of w itself if it is that large (the kernels' speed per byte does not
+    depend on N once N is large), else scratch copies of w's shape. About 10 ms per candidate at 30 GB/s."""
+    n, k = w.shape
+    size = w.numel() * w.element_size()
+    if size >= POOL_BYTES:
+        pool = [w[:POOL_BYTES // (k * w.element_size())]]
+    else:
+        copies = min(MAX_COPIES, math.ceil(POOL_BYTES / size))
+        pool = list(torch.ones(copies, n, k, dtype=w.dtype, device=w.device).unbind())  # written: real pages
+    x = torch.ones(rows, k, dtype=w.dtype, device=w.device)  # the values do not change the speed
+    b = torch.zeros(pool[0].shape[0], dtype=w.dtype, device=w.device) if has_bias else None
+    best = {}
+    for _ in range(reps):
+        for name in candidates(rows):
+            f = FORMS[name]
+            t = time.perf_counter()
+            for p in pool:
+                f(x, p, b)
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+    return best
+
+
+def choose(w, rows: int, has_bias: bool) -> str:
+    key = (w.device.type, w.dtype, *w.shape, rows, has_bias)
+    if key not in _chosen:
+        t = measure(w, rows, has_bias)
+        _chosen[key] = min(t, key=t.get)
+    return _chosen[key]
+
+
+def linear(x, w, b=None):
+    """F.linear(x, w, b) for x (..., K), w (N, K), b (N,) or None -> (..., N), in the fastest formulation."""
+    rows = x.numel() // x.shape[-1]
+    if rows > MAX_ROWS or x.device.type != "cpu":
+        return F.linear(x, w, b)
+    name = forced()
+    if name is None or name == "packed":  # a weight that was not packed: the measured choice
+        name = choose(w, rows, b is not None)
+    if name in ONE_ROW and rows != 1:
+        name = "linear"
+    y = FORMS[name](x.reshape(rows, x.shape[-1]), w, b)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+# ---------------------------------------------------------------- prepacked weights (oneDNN)
+# A weight reordered once into oneDNN's blocked layout (what torch.compile's `freezing` does) is read much
+# faster: bfloat16 LLaMA-7B MLP weights at 26-27 GB/s per CPU second against 15-17 for F.linear on the Zen 5
+# machine, with outputs bitwise equal to F.linear there, for 1, 2 and 600 rows. The packed copy is a second
+# copy of the weight, so the loader packs from a copy read from the file (never touching the memory-mapped
+# original, which then costs no memory) and `forward` reads only the packed one, for every number of rows.
+def _packed(x, packed, b):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+def pack(w):
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+
+def packing_pays(w) -> bool:
+    """Whether to use a packed copy of w: forced by MINIDAMRO_LINEAR=packed; with auto, measured once per
+    (dtype, N, K) against the fastest unpacked formulation, one row. Never for other devices, or where oneDNN
+    lacks the dtype (float16 needs AVX-512 FP16)."""
+    name = forced()
+    if name not in (None, "packed") or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if name == "packed":
+        return True
+    key = ("packed", w.dtype, *w.shape)
+    if key not in _chosen:
+        n, k = w.shape  # scratch weights only: the real ones stay untouched (memory-mapped, not resident)
+        rows = min(n, POOL_BYTES // (k * w.element_size()))
+        eager = min(measure(torch.ones(rows, k, dtype=w.dtype), 1, False).values())
+        copies = min(MAX_COPIES, math.ceil(POOL_BYTES / (rows * k * w.element_size())))  # as measure's pool
+        pool = [pack(torch.ones(rows, k, dtype=w.dtype)) for _ in range(copies)]
+        x = torch.ones(1, k, dtype=w.dtype)
+        packed = math.inf
+        for _ in range(2):
+            t = time.perf_counter()
+            for p in pool:
+                _packed(x, p, None)
+            packed = min(packed, time.perf_counter() - t)
+        _chosen[key] = packed < eager
+    return _chosen[key]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict keys) whose forward is `linear` above, or oneDNN on a packed
+    copy of the weight once `packed` is set (see llava.load_model)."""
+    packed = None
+
+    def forward(self, x):
+        if self.packed is not None:
+            return _packed(x, self.packed, self.bias)
+        return linear(x, self.weight, self.bias)

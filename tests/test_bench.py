@@ -1,0 +1,38 @@
+"""The benchmark's streamed 7B-shaped checkpoint has llava-1.5-7b-hf's layout: the keys and shapes transformers
+builds from the same config.json, and a config that weights_convert.py accepts."""
+import torch
+
+import weights_convert
+from minidamro import bench7b
+from minidamro.llava import Llava
+
+
+def minidamro_name(key: str) -> str:
+    return next(to + key[len(p):] for p, to in weights_convert.PREFIXES if key.startswith(p))
+
+
+def test_7b_layout_matches_transformers_and_converts():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    hf = bench7b.hf_config(image_token=32000)
+    shapes = bench7b.hf_shapes()
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(LlavaConfig(**hf))
+    expected = {minidamro_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {minidamro_name(k): tuple(v) for k, v in shapes.items()} == expected
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == 7_063_427_072  # llava-1.5-7b-hf's count
+
+    cfg = weights_convert.build_config(hf, "config.json")
+    with torch.device("meta"):
+        ours = Llava(cfg).state_dict()
+    # minidamro builds the ViT up to its feature layer (-2): the last layer and post_layernorm are dropped
+    kept = {k: v for k, v in expected.items() if ".layers.23." not in k and "post_layernorm" not in k
+            or k.startswith("language_model.")}
+    assert {k: tuple(v.shape) for k, v in ours.items()} == kept
+
+
+def test_7b_random_tensors_are_finite_and_typed():
+    for name, shape in (("x.input_layernorm.weight", (8,)), ("x.mlp.fc1.bias", (8,)), ("x.q_proj.weight", (8, 4))):
+        t = bench7b.random_tensor(name, shape, seed=1)
+        assert t.shape == shape and torch.isfinite(t).all()
+    assert torch.equal(bench7b.random_tensor("a.layer_norm1.weight", (3,), 0), torch.ones(3))
+    assert torch.equal(bench7b.random_tensor("a.k_proj.weight", (3, 2), 5), bench7b.random_tensor("b", (3, 2), 5))
