@@ -6,28 +6,25 @@ DAMRO paper's diagnostics for the object words of the captions, hallucinated vs 
 the overlap of the ViT's and the decoder's top-i patches) and F (Eq. 2, the decoder's image attention
 share on the ViT's top-3 patches). Decoding is greedy, as in the README's examples.
 """
-import random
 import sys
+from dataclasses import asdict
 import time
 
-from .. import analyze, damro, generation
+from .. import analyze, contrastive, damro, generation, methods
 from ..generate import encode_prompt
 from ..image import preprocess
 from . import splits, world
 from .metrics import partner_rate, toy_chair_metrics, toy_pope_metrics
 
-METHODS = ("plain", "damro")
+METHODS = tuple(methods.METHODS)  # every decoding method the project has (plain, damro, vcd, ...)
 CAPTION_PROMPT = world.CAPTION_PROMPTS[0]  # "Generate a short caption of this image." (DAMRO's CHAIR prompt)
 
 
-def answer(model, tok, method: str, dcfg: damro.DamroConfig, prompt: str, pixels, max_new_tokens: int) -> str:
-    """The greedy answer of one decoding method."""
+def answer(model, tok, method: str, mcfg, prompt: str, pixels, max_new_tokens: int) -> str:
+    """The greedy answer of one decoding method (settings mcfg); a method that draws noise (VCD) draws it
+    from the sampler's generator, seeded 0 for every question."""
     ids, max_new = encode_prompt(model, tok, prompt, None, max_new_tokens)
-    sampler = generation.Sampler()
-    if method == "plain":
-        tokens = generation.generate(model, ids, pixels, sampler, max_new)
-    else:
-        tokens = damro.generate(model, ids, pixels, dcfg, sampler, max_new)[1]
+    tokens = contrastive.generate(model, ids, pixels, methods.get(method), mcfg, generation.Sampler(), max_new)[1]
     return tok.decode(list(tokens))
 
 
@@ -52,20 +49,22 @@ def summarise(words: list) -> dict:
             "F": mean([f for _, f in words])}
 
 
-def run(model, tok, seed: int, images: int, captions: int, methods=METHODS, dcfg=None, log=sys.stderr) -> dict:
+def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=None, log=sys.stderr) -> dict:
+    """dcfg: DAMRO's settings (also the ViT outlier figure's for analyze); other methods keep their defaults."""
     dcfg = dcfg or damro.DamroConfig()
     cfg = model.cfg
     scenes = splits.lab_scenes(seed, images)
-    names = [f"toy-{seed}-{i:04d}.png" for i in range(images)]
+    files = [f"toy-{seed}-{i:04d}.png" for i in range(images)]
     rendered = [world.render(s) for s in scenes]
     pixels = [preprocess(im, cfg.preprocessor) for im in rendered]
-    questions = {split: splits.pope_questions(split, scenes, seed, names) for split in splits.SPLITS}
-    index = {name: i for i, name in enumerate(names)}
+    questions = {split: splits.pope_questions(split, scenes, seed, files) for split in splits.SPLITS}
+    index = {name: i for i, name in enumerate(files)}
     result = {}
-    for method in methods:
+    for method in names:
+        mcfg = dcfg if method == "damro" else methods.get(method).config()
         start, out = time.time(), {}
         for split, qs in questions.items():
-            answers = [answer(model, tok, method, dcfg, q["text"], pixels[index[q["image"]]], 4) for q in qs]
+            answers = [answer(model, tok, method, mcfg, q["text"], pixels[index[q["image"]]], 4) for q in qs]
             out[split] = toy_pope_metrics([q["label"] for q in qs], answers)
             if split == "adversarial":  # the no-questions about an absent planted partner of a present anchor
                 said = [a for q, a in zip(qs, answers) if q["label"] == "no" and any(
@@ -74,18 +73,20 @@ def run(model, tok, seed: int, images: int, captions: int, methods=METHODS, dcfg
                 out[split]["partner_questions"] = len(said)
         texts, words = [], {"hallucinated": [], "correct": []}
         for i in range(captions):
-            a = analyze.analyze(model, tok, rendered[i], CAPTION_PROMPT, method, dcfg, max_new_tokens=48)
+            a = analyze.analyze(model, tok, rendered[i], CAPTION_PROMPT, method, dcfg, max_new_tokens=48,
+                                cfg=None if method == "damro" else mcfg)
             texts.append(a.answer)
             diagnostics(a, scenes[i].kinds, words)
         out["captions"] = toy_chair_metrics(texts, [s.kinds for s in scenes[:captions]])
         out["captions"] |= partner_rate(texts, scenes[:captions])
         out["diagnostics"] = {k: summarise(v) for k, v in words.items()}
-        out["examples"] = [{"image": names[i], "truth": world.caption(scenes[i]), "caption": texts[i]}
+        out["examples"] = [{"image": files[i], "truth": world.caption(scenes[i]), "caption": texts[i]}
                            for i in range(min(4, captions))]
         result[method] = out
         print(f"{method}: {time.time() - start:.0f} s", file=log, flush=True)
     result["settings"] = {"seed": seed, "images": images, "captions": captions, "alpha": dcfg.alpha,
                           "beta": dcfg.beta, "topk": dcfg.topk, "decoding": "greedy", "prompt": CAPTION_PROMPT,
+                          "methods": {m: asdict(dcfg if m == "damro" else methods.get(m).config()) for m in names},
                           "questions": {s: len(q) for s, q in questions.items()}}
     return result
 
@@ -114,7 +115,8 @@ def table(result: dict) -> str:
                      f"{fmt(d['hallucinated']['F'], False)} {fmt(d['correct']['F'], False)}")
     s = result["settings"]
     lines += ["", f"seed {s['seed']}, {s['images']} images ({s['questions']['random']} questions per split), "
-              f"{s['captions']} captions; greedy; DAMRO alpha {s['alpha']} beta {s['beta']} topk {s['topk']}",
+              f"{s['captions']} captions; greedy; " + "; ".join(
+                  f"{m} " + " ".join(f"{k} {v}" for k, v in c.items()) for m, c in s["methods"].items() if c),
               "partner: captions naming the absent planted partner of an anchor; p-yes: 'yes' to the adversarial "
               "questions about such a partner; words: " + ", ".join(
                   f"{m} {result[m]['diagnostics']['hallucinated']['words']} hal / "

@@ -191,7 +191,7 @@ def patch_labels(scene: world.Scene, grid: int, patch: int) -> torch.Tensor:
     label = torch.zeros(world.SIZE, world.SIZE, dtype=torch.long)
     for o in scene.objects:
         m = world.shape_mask(o.kind, o.side)
-        inside = torch.tensor(list(m.getdata()), dtype=torch.bool).view(o.side, o.side)
+        inside = torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(o.side, o.side) > 0
         label[o.y:o.y + o.side, o.x:o.x + o.side][inside] = world.KINDS.index(o.kind) + 1
     counts = F.one_hot(label, len(world.KINDS) + 1).view(grid, patch, grid, patch, -1).sum((1, 3))  # (g, g, K+1)
     counts[..., 0] = 0
@@ -254,6 +254,9 @@ def train(tc: TrainConfig, workdir: str, log=sys.stderr, every: int = 25, save_e
         cfg = model.cfg
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # own the memory
         model.requires_grad_(True)
+        for m in model.modules():  # a packed inference copy of a weight would not follow the training
+            if getattr(m, "packed", None) is not None:
+                m.packed = None
     else:
         tok_file = train_tokenizer(os.path.join(workdir, "tokenizer"), tc.seed)
         sp_size = spm.SentencePieceProcessor(model_file=tok_file).get_piece_size()
