@@ -50,6 +50,10 @@ def plot_losses(losses: list[float], path: str, title: str):
 def cmd_train(a):
     from . import train as T
     import torch
+    if a.steps < 1 or a.batch < 1 or a.vit_steps < 0 or a.threads < 1 or not 0 < a.lr < 1:
+        raise MinidamroError("--steps, --batch and --threads must be >= 1, --vit-steps >= 0, --lr in (0, 1)")
+    if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
+        raise MinidamroError(f"--init {a.init} is not a minidamro checkpoint")
     if os.path.exists(a.out) and not a.force:
         raise MinidamroError(f"{a.out} exists; pass --force to replace it")
     tc = T.TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, turns=a.turns,
