@@ -98,9 +98,22 @@ def system_text(a) -> str | None:
     return LLAVA_V1_SYSTEM if a.system == "llava_v1" else a.system
 
 
+def default_model(a):
+    """Without --model and MINIDAMRO_MODEL, the toy model shipped in the package (minidamro/toy/model)."""
+    from .toy import MODEL_DIR
+    if not os.path.isfile(os.path.join(MODEL_DIR, "config.json")):
+        raise MinidamroError(NO_MODEL)
+    print(f"note: no --model and no MINIDAMRO_MODEL: using the toy model shipped in {os.path.relpath(MODEL_DIR)} "
+          "(a tiny LLaVA trained on the toy world of minidamro.toy, not LLaVA-1.5)", file=sys.stderr)
+    a.model = MODEL_DIR
+    # Its weights are a few hundred KB per matrix, cache-resident: fastlinear's per-shape timing at load (pools
+    # of 64 MB per shape, made for 7B weights) would take seconds and gain nothing. Plain F.linear, unless set.
+    os.environ.setdefault("MINIDAMRO_LINEAR", "linear")
+
+
 def check_options(a):
     if not a.model:
-        raise MinidamroError(NO_MODEL)
+        default_model(a)
     if a.max_new_tokens < 1:
         raise MinidamroError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
     if not (a.temperature == 0 or 1e-6 <= a.temperature < math.inf):

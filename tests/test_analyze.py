@@ -240,6 +240,7 @@ def test_command_writes_three_files(checkpoints, capsys, tmp_path):
     ("out is a file", "cannot write")])
 def test_errors_are_one_line(case, message, checkpoints, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("MINIDAMRO_MODEL", raising=False)
+    monkeypatch.setattr("minidamro.toy.MODEL_DIR", str(tmp_path / "no-toy-model"))  # as if none were shipped
     image, out, model = EXAMPLE, str(tmp_path / "out"), ["--model", checkpoints["mha"]]
     if case == "bad image":
         image = str(tmp_path / "x.png")

@@ -128,6 +128,7 @@ def test_bad_options_give_one_line(capsys, checkpoints, image, args, message):
 
 def test_bad_inputs_give_one_line(capsys, checkpoints, image, tmp_path, monkeypatch):
     monkeypatch.delenv("MINIDAMRO_MODEL", raising=False)
+    monkeypatch.setattr("minidamro.toy.MODEL_DIR", str(tmp_path / "no-toy-model"))  # as if none were shipped
     corrupt = tmp_path / "bad.jpg"
     corrupt.write_bytes(os.urandom(300))
     broken = tmp_path / "model"

@@ -1,0 +1,165 @@
+"""python -m minidamro.toy train|eval: the toy world's model and hallucination lab.
+
+    python -m minidamro.toy train --out checkpoints/toy      # a tiny LLaVA from scratch (CPU, minutes)
+    python -m minidamro.toy eval                             # the lab: POPE-style splits + captions, per method
+    python -m minidamro.toy render --out scenes/ --count 8   # images of the world with their ground truth
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from ..generate import Parser, guarded
+from .. import MinidamroError
+from . import MODEL_DIR
+
+
+def plot_losses(losses: list[float], path: str, title: str):
+    """A loss curve drawn with Pillow (raw per-step loss in grey, a 25-step running mean in blue, log y)."""
+    import math
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = 640, 360, 56, 16, 30, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = math.log10(max(min(losses), 1e-4)), math.log10(max(losses))
+    lo, hi = math.floor(lo), math.ceil(hi) if hi > lo else lo + 1
+
+    def xy(i, v):
+        x = L + (W - L - R) * i / max(1, len(losses) - 1)
+        y = T + (H - T - B) * (hi - math.log10(max(v, 1e-4))) / (hi - lo)
+        return x, y
+    for e in range(lo, hi + 1):
+        y = xy(0, 10 ** e)[1]
+        d.line((L, y, W - R, y), fill=(225, 225, 225))
+        d.text((4, y - 6), f"1e{e}", fill="black")
+    d.line([xy(i, v) for i, v in enumerate(losses)], fill=(190, 190, 190))
+    mean = [sum(losses[max(0, i - 24):i + 1]) / len(losses[max(0, i - 24):i + 1]) for i in range(len(losses))]
+    d.line([xy(i, v) for i, v in enumerate(mean)], fill=(30, 70, 230), width=2)
+    d.rectangle((L, T, W - R, H - B), outline="black")
+    for frac in (0, 0.25, 0.5, 0.75, 1):
+        i = round(frac * (len(losses) - 1))
+        d.text((xy(i, 1)[0] - 10, H - B + 6), str(i + 1), fill="black")
+    d.text((L, 8), title, fill="black")
+    d.text(((W - 80) // 2, H - 18), "training step", fill="black")
+    img.save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def cmd_train(a):
+    from . import train as T
+    import torch
+    if a.steps < 1 or a.batch < 1 or a.vit_steps < 0 or a.threads < 1 or not 0 < a.lr < 1:
+        raise MinidamroError("--steps, --batch and --threads must be >= 1, --vit-steps >= 0, --lr in (0, 1)")
+    if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
+        raise MinidamroError(f"--init {a.init} is not a minidamro checkpoint")
+    if os.path.exists(a.out) and not a.force:
+        raise MinidamroError(f"{a.out} exists; pass --force to replace it")
+    tc = T.TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, turns=a.turns,
+                       vit_steps=a.vit_steps, init=a.init or "")
+    with tempfile.TemporaryDirectory() as work:
+        start = time.time()
+        model, tok, tok_file, losses = T.train(tc, work, save_every=a.save_every, save_to=a.out)
+        minutes = (time.time() - start) / 60
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+        T.save_checkpoint(model, tok_file, a.out, dtype, extra={"train": vars(tc) | {"minutes": round(minutes, 1)}})
+    with open(os.path.join(a.out, "losses.json"), "w") as f:
+        json.dump([round(v, 5) for v in losses], f)
+    plot_losses(losses, os.path.join(a.out, "loss.png"),
+                f"toy LLaVA training loss (answer tokens), {tc.steps} steps x {tc.batch} scenes, {minutes:.1f} min")
+    print(f"wrote {a.out} ({minutes:.1f} min)", file=sys.stderr)
+
+
+def cmd_eval(a):
+    from ..llava import load_model
+    from ..tokenizer import Tokenizer
+    from .. import damro
+    from . import lab
+    import torch
+    torch.set_num_threads(a.threads)
+    for name in a.methods:
+        if name not in lab.METHODS:
+            raise MinidamroError(f"--methods: unknown method {name} (have {', '.join(lab.METHODS)})")
+    if not 1 <= a.images <= 10000 or not 0 <= a.captions <= a.images:
+        raise MinidamroError("--images must be in 1..10000 and --captions in 0..images")
+    dcfg = damro.DamroConfig(a.alpha, a.beta, a.topk)
+    model = load_model(a.model)
+    dcfg.check(model.cfg.vision.num_patches)
+    tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
+    result = lab.run(model, tok, a.seed, a.images, a.captions, a.methods, dcfg)
+    result["settings"]["model"] = a.model
+    print(lab.table(result))
+    if a.json:
+        print(json.dumps(result, separators=(",", ":")))
+
+
+def cmd_render(a):
+    """Images of the world with their ground truth: DIR/toy-SEED-I.png and DIR/truth.jsonl."""
+    import random
+    from dataclasses import asdict
+    from . import world
+    if not 1 <= a.count <= 10000:
+        raise MinidamroError(f"--count must be in 1..10000, got {a.count}")
+    os.makedirs(a.out, exist_ok=True)
+    rng, lines = random.Random(a.seed), []
+    for i in range(a.count):
+        scene = world.sample_scene(rng, probe=a.probe)
+        name = f"toy-{a.seed}-{i}.png"
+        path = os.path.join(a.out, name)
+        world.render(scene).save(path + ".tmp", format="PNG")
+        os.replace(path + ".tmp", path)
+        lines.append(json.dumps({"image": name, "caption": world.caption(scene),
+                                 "objects": [asdict(o) | {"position": o.position} for o in scene.objects]}))
+    path = os.path.join(a.out, "truth.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {a.count} images and truth.jsonl to {a.out}", file=sys.stderr)
+
+
+def main(argv=None):
+    p = Parser(prog="python -m minidamro.toy", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the toy model from scratch")
+    t.add_argument("--out", required=True, help="checkpoint directory to write")
+    t.add_argument("--force", action="store_true", help="replace --out if it exists")
+    from .train import TrainConfig
+    d = TrainConfig()
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--batch", type=int, default=d.batch)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--threads", type=int, default=d.threads)
+    t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1 steps (the ViT alone); 0 skips it")
+    t.add_argument("--init", default=None, help="continue from this checkpoint instead of from scratch")
+    t.add_argument("--turns", choices=("multi", "single"), default=d.turns)
+    t.add_argument("--save-every", type=int, default=0, help="also save OUT-stepN every N steps (0: only at the end)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored weights")
+    e = sub.add_parser("eval", help="the hallucination lab: POPE-style splits and captions, per decoding method")
+    e.add_argument("--model", default=MODEL_DIR, help="checkpoint (default: the shipped toy model)")
+    e.add_argument("--seed", type=int, default=2026, help="the lab's world seed (training used 0 and 1)")
+    e.add_argument("--images", type=int, default=120, help="images in the pool (half are probe scenes)")
+    e.add_argument("--captions", type=int, default=60, help="the first N images are also captioned")
+    e.add_argument("--methods", nargs="+", default=None, help="decoding methods (default: all)")
+    from .. import damro
+    dd = damro.DamroConfig()
+    e.add_argument("--alpha", type=float, default=dd.alpha)
+    e.add_argument("--beta", type=float, default=dd.beta)
+    e.add_argument("--topk", type=int, default=dd.topk)
+    e.add_argument("--threads", type=int, default=1, help="torch threads (1: the model is too small to share)")
+    e.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    r = sub.add_parser("render", help="draw scenes of the world, with their ground truth")
+    r.add_argument("--out", required=True, help="directory for the PNGs and truth.jsonl")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--count", type=int, default=8)
+    r.add_argument("--probe", action="store_true", help="probe scenes: an anchor without its planted partner")
+    a = p.parse_args(argv)
+    if a.cmd == "eval" and a.methods is None:
+        from .lab import METHODS
+        a.methods = list(METHODS)
+    guarded({"train": cmd_train, "eval": cmd_eval, "render": cmd_render}[a.cmd], a)
+
+
+if __name__ == "__main__":
+    main()

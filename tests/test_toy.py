@@ -1,0 +1,173 @@
+"""The toy world, its splits and metrics on cases with known answers; training; the shipped model."""
+import json
+import os
+import random
+import tempfile
+
+import pytest
+import torch
+
+from minidamro import generation
+from minidamro.generate import encode_prompt, main as generate_main
+from minidamro.image import preprocess
+from minidamro.llava import load_model
+from minidamro.tokenizer import Tokenizer
+from minidamro.toy import MODEL_DIR, splits, train, world
+from minidamro.toy.metrics import partner_rate, toy_chair_metrics, toy_pope_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAR = world.Scene((world.Obj("star", "red", "large", 40, 40),), background=7)
+
+
+# --- the world ----------------------------------------------------------------------------------------------
+
+def test_world_is_deterministic_per_seed():
+    a = [world.sample_scene(random.Random(5)) for _ in range(3)]
+    b = [world.sample_scene(random.Random(5)) for _ in range(3)]
+    assert a == b and world.render(a[0]).tobytes() == world.render(b[0]).tobytes()
+    assert world.render(a[0]).size == (112, 112)
+    assert [world.sample_scene(random.Random(6)) for _ in range(3)] != a
+
+
+def test_scenes_are_valid_and_captions_name_every_object():
+    rng = random.Random(0)
+    for _ in range(200):
+        s = world.sample_scene(rng, probe=rng.random() < 0.5)
+        kinds = [o.kind for o in s.objects]
+        assert 1 <= len(kinds) <= 4 and len(set(kinds)) == len(kinds)
+        for o in s.objects:  # inside the image, apart from each other
+            assert 0 <= o.x and o.x + o.side <= world.SIZE and 0 <= o.y and o.y + o.side <= world.SIZE
+        assert sorted(world.mentioned_kinds(world.caption(s))) == sorted(kinds)
+
+
+def test_objects_are_drawn_where_the_ground_truth_says():
+    img = world.render(STAR)
+    assert img.getpixel((40 + 20, 40 + 22)) == world.COLOURS["red"]  # the star's centre
+    assert img.getpixel((41, 41)) != world.COLOURS["red"]            # outside its points: background
+
+
+def test_planted_cooccurrence():
+    rng = random.Random(3)
+    scenes = [set(world.sample_kinds(rng)) for _ in range(4000)]
+    for anchor, partner in world.PAIRS.items():
+        with_anchor = [s for s in scenes if anchor in s]
+        rate = sum(partner in s for s in with_anchor) / len(with_anchor)
+        assert 0.85 < rate < 0.97, (anchor, rate)  # PLANT_P = 0.9, a few hundred scenes each
+    probe = world.sample_scene(random.Random(1), probe=True)
+    assert any(a in probe.kinds and p not in probe.kinds for a, p in world.PAIRS.items())
+
+
+def test_texts():
+    assert world.caption(STAR) == "A large red star."
+    assert world.existence_qa("star", STAR) == ("Is there a star in the image?", "Yes")
+    assert world.existence_qa("arrow", STAR) == ("Is there an arrow in the image?", "No")
+    assert STAR.get("star").position == "center"
+    assert world.mentioned_kinds("Two stars, a cross; crosses and a moonlight.") == ["star", "cross", "cross"]
+
+
+# --- splits and metrics ---------------------------------------------------------------------------------------
+
+def test_splits_on_an_image_with_exactly_a_star():
+    for split in splits.SPLITS:
+        qs = splits.pope_questions(split, [STAR], 0, ["star.png"])
+        assert [q["label"] for q in qs] == ["yes", "no"] and qs[0]["text"] == "Is there a star in the image?"
+    adversarial = splits.pope_questions("adversarial", [STAR], 0, ["star.png"])
+    assert adversarial[1]["kind"] == "moon"  # the planted partner, absent: an adversarial no
+    freq, _ = splits.statistics()
+    popular = splits.pope_questions("popular", [STAR], 0, ["star.png"])
+    assert popular[1]["kind"] == max((k for k in world.KINDS if k != "star"), key=lambda k: freq[k])
+
+
+def test_splits_are_balanced_and_true():
+    scenes = splits.lab_scenes(11, 40)
+    for split in splits.SPLITS:
+        qs = splits.pope_questions(split, scenes, 11, [str(i) for i in range(40)])
+        assert [q["label"] for q in qs] == ["yes", "no"] * (len(qs) // 2)
+        for q in qs:
+            assert (q["kind"] in scenes[int(q["image"])].kinds) == (q["label"] == "yes")
+    assert sum(i % 2 for i in range(40)) == sum(
+        any(a in s.kinds and p not in s.kinds for a, p in world.PAIRS.items()) for s in scenes[1::2])
+
+
+def test_toy_metrics_known_answers():
+    m = toy_pope_metrics(["yes", "yes", "no", "no", "no"], ["Yes", "No", "No", "Yes", "no idea"])
+    assert (m["TP"], m["FN"], m["TN"], m["FP"]) == (1, 1, 2, 1)  # "no idea" contains "no": the released rule
+    assert m["accuracy"] == 3 / 5 and m["precision"] == 1 / 2 and m["recall"] == 1 / 2 and m["yes_ratio"] == 2 / 5
+    assert m["f1"] == 0.5
+    c = toy_chair_metrics(["A red star and a blue moon.", "A green tree.", "Nothing."],
+                          [{"star"}, {"tree", "house"}, {"ring"}])
+    assert c["CHAIRi"] == 1 / 3 and c["CHAIRs"] == 1 / 3 and c["Recall"] == 2 / 4
+    p = partner_rate(["A star and a moon.", "A star."], [STAR, STAR])
+    assert p == {"partner_rate": 0.5, "partner_cases": 2}
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
+    tc = train.TrainConfig(steps=40, batch=4, lr=3e-3, warmup=5, vit=(2, 32, 2), llm=(2, 48, 2), threads=1,
+                           vit_steps=3, vit_batch=4)
+    model, tok, tok_file, losses = train.train(tc, str(tmp_path), log=open(os.devnull, "w"))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    train.save_checkpoint(model, tok_file, str(tmp_path / "ckpt"))
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors", "tokenizer.model"]
+    loaded = load_model(str(tmp_path / "ckpt"))
+
+    # The training forward (batched, no cache) computes what generation's prefill computes.
+    scene = world.sample_scene(random.Random(9))
+    pixels = preprocess(world.render(scene), loaded.cfg.preprocessor)
+    ids, _ = encode_prompt(loaded, tok, "Is there a star in the image?", None, 1)
+    with torch.no_grad():
+        a = train.forward(model, pixels, ids[None])[0, -1]
+        b = generation.prefill(loaded, loaded.embed(ids, loaded.encode_image(pixels)[0]),
+                               generation.new_cache(loaded, len(ids)))
+    # Same weights and operations; SDPA's causal path and the masked one may sum in another order: each of the
+    # layers' width-long dot products can move by ~width ulps of the magnitude it sums.
+    tol = (tc.llm[0] + tc.vit[0]) * tc.llm[1] * torch.finfo(torch.float32).eps * (1 + float(b.abs().max()))
+    assert float((a - b).abs().max()) <= tol and int(a.argmax()) == int(b.argmax())
+
+
+# --- the shipped model ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = load_model(MODEL_DIR)
+    return model, Tokenizer(os.path.join(MODEL_DIR, "tokenizer.model"), model.cfg.special_tokens)
+
+
+def test_shipped_model_is_small_and_standard():
+    size = sum(os.path.getsize(os.path.join(MODEL_DIR, f)) for f in os.listdir(MODEL_DIR))
+    assert size <= 25 * 2**20
+    with open(os.path.join(MODEL_DIR, "config.json")) as f:
+        assert json.load(f)["minidamro_format"] == 1
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model does not reach issue 11's target: it answers every "
+                   "existence question the same way (50% measured); strict, so a model that passes fails this mark")
+def test_shipped_model_answers_existence_questions_of_a_fresh_seed(shipped):
+    """200 questions of the random split on a seed no training used: >= 95% right (greedy first token)."""
+    model, tok = shipped
+    scenes = splits.lab_scenes(777, 60)
+    qs = splits.pope_questions("random", scenes, 777, [str(i) for i in range(60)])[:200]
+    assert len(qs) == 200
+    pixels = {}
+    labels, answers = [], []
+    for q in qs:
+        i = int(q["image"])
+        if i not in pixels:
+            pixels[i] = preprocess(world.render(scenes[i]), model.cfg.preprocessor)
+        ids, _ = encode_prompt(model, tok, q["text"], None, 1)
+        token = list(generation.generate(model, ids, pixels[i], generation.Sampler(), 1))
+        labels.append(q["label"])
+        answers.append(tok.decode(token))
+    m = toy_pope_metrics(labels, answers)
+    assert m["accuracy"] >= 0.95, m
+
+
+def test_generate_without_model_uses_the_shipped_one(capsys, monkeypatch):
+    monkeypatch.delenv("MINIDAMRO_MODEL", raising=False)
+    monkeypatch.setenv("MINIDAMRO_LINEAR", "linear")  # what generate sets for the toy model; undone after the test
+    sample = os.path.join(ROOT, "docs", "toy-1.png")
+    generate_main([sample, "--max-new-tokens", "40"])
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "toy model" in err
+    assert world.mentioned_kinds(out)  # it names at least one object
