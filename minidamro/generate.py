@@ -106,9 +106,6 @@ def default_model(a):
     print(f"note: no --model and no MINIDAMRO_MODEL: using the toy model shipped in {os.path.relpath(MODEL_DIR)} "
           "(a tiny LLaVA trained on the toy world of minidamro.toy, not LLaVA-1.5)", file=sys.stderr)
     a.model = MODEL_DIR
-    # Its weights are a few hundred KB per matrix, cache-resident: fastlinear's per-shape timing at load (pools
-    # of 64 MB per shape, made for 7B weights) would take seconds and gain nothing. Plain F.linear, unless set.
-    os.environ.setdefault("MINIDAMRO_LINEAR", "linear")
 
 
 def check_options(a):

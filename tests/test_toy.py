@@ -165,7 +165,6 @@ def test_shipped_model_answers_existence_questions_of_a_fresh_seed(shipped):
 
 def test_generate_without_model_uses_the_shipped_one(capsys, monkeypatch):
     monkeypatch.delenv("MINIDAMRO_MODEL", raising=False)
-    monkeypatch.setenv("MINIDAMRO_LINEAR", "linear")  # what generate sets for the toy model; undone after the test
     sample = os.path.join(ROOT, "docs", "toy-1.png")
     generate_main([sample, "--max-new-tokens", "40"])
     out, err = capsys.readouterr()
