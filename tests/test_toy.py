@@ -13,7 +13,8 @@ from minidamro.image import preprocess
 from minidamro.llava import load_model
 from minidamro.tokenizer import Tokenizer
 from minidamro.toy import MODEL_DIR, splits, train, world
-from minidamro.toy.metrics import partner_rate, toy_chair_metrics, toy_pope_metrics
+from minidamro.eval.pope import score_damro
+from minidamro.toy.metrics import partner_rate, toy_chair_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAR = world.Scene((world.Obj("star", "red", "large", 40, 40),), background=7)
@@ -90,7 +91,7 @@ def test_splits_are_balanced_and_true():
 
 
 def test_toy_metrics_known_answers():
-    m = toy_pope_metrics(["yes", "yes", "no", "no", "no"], ["Yes", "No", "No", "Yes", "no idea"])
+    m = score_damro(["yes", "yes", "no", "no", "no"], ["Yes", "No", "No", "Yes", "no idea"])
     assert (m["TP"], m["FN"], m["TN"], m["FP"]) == (1, 1, 2, 1)  # "no idea" contains "no": the released rule
     assert m["accuracy"] == 3 / 5 and m["precision"] == 1 / 2 and m["recall"] == 1 / 2 and m["yes_ratio"] == 2 / 5
     assert m["f1"] == 0.5
@@ -159,7 +160,7 @@ def test_shipped_model_answers_existence_questions_of_a_fresh_seed(shipped):
         token = list(generation.generate(model, ids, pixels[i], generation.Sampler(), 1))
         labels.append(q["label"])
         answers.append(tok.decode(token))
-    m = toy_pope_metrics(labels, answers)
+    m = score_damro(labels, answers)
     assert m["accuracy"] >= 0.95, m
 
 

@@ -13,8 +13,9 @@ import time
 from .. import analyze, contrastive, damro, generation, methods
 from ..generate import encode_prompt
 from ..image import preprocess
+from ..eval.pope import score_damro
 from . import splits, world
-from .metrics import partner_rate, toy_chair_metrics, toy_pope_metrics
+from .metrics import partner_rate, toy_chair_metrics
 
 METHODS = tuple(methods.METHODS)  # every decoding method the project has (plain, damro, vcd, ...)
 CAPTION_PROMPT = world.CAPTION_PROMPTS[0]  # "Generate a short caption of this image." (DAMRO's CHAIR prompt)
@@ -65,7 +66,7 @@ def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=N
         start, out = time.time(), {}
         for split, qs in questions.items():
             answers = [answer(model, tok, method, mcfg, q["text"], pixels[index[q["image"]]], 4) for q in qs]
-            out[split] = toy_pope_metrics([q["label"] for q in qs], answers)
+            out[split] = score_damro([q["label"] for q in qs], answers)
             if split == "adversarial":  # the no-questions about an absent planted partner of a present anchor
                 said = [a for q, a in zip(qs, answers) if q["label"] == "no" and any(
                     world.PAIRS.get(k) == q["kind"] for k in scenes[index[q["image"]]].kinds)]

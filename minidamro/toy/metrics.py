@@ -1,34 +1,11 @@
-"""The toy lab's metrics, with the definitions of ../shared/docs/evaluation.md.
+"""The toy lab's caption metrics, with the definitions of ../shared/docs/evaluation.md.
 
-TOY STAND-INS: the evaluation harness (minidamro/eval/, not yet on main when this was written) computes
-POPE with the DAMRO / VCD `eval_pope.py` rule and CHAIR with COCO's synonym list. These functions compute
-the same definitions with the same metric names; `toy_pope_metrics` is the harness's `score_damro` rule, and
-`toy_chair_metrics` is CHAIR with the toy world's vocabulary (every kind name, singular or plural, is an
-object word; no synonyms, no lemmatiser needed). Switch POPE to the harness's function once it lands.
+POPE-style questions are scored by the evaluation harness itself (`minidamro.eval.pope.score_damro`, the
+DAMRO / VCD `eval_pope.py` rule). Captions get CHAIR with the toy world's vocabulary instead of COCO's
+synonym list: every kind name, singular or plural, is an object word (no synonyms, no lemmatiser needed).
 """
+from ..eval.pope import ratio
 from . import world
-
-
-def ratio(a, b):
-    return a / b if b else None
-
-
-def toy_pope_metrics(labels: list[str], answers: list[str]) -> dict:
-    """DAMRO's eval_pope.py: gt yes -> TP iff "yes" is a substring of the lower-cased answer (else FN); gt no
-    -> TN iff "no" is a substring (else FP). accuracy = (TP + TN) / n, precision = TP / (TP + FP),
-    recall = TP / (TP + FN), yes_ratio = (TP + FP) / n. A zero denominator gives None."""
-    tp = fp = tn = fn = 0
-    for label, answer in zip(labels, answers, strict=True):
-        gt, ans = label.lower().strip(), answer.lower().strip()
-        if gt == "yes":
-            tp, fn = (tp + 1, fn) if "yes" in ans else (tp, fn + 1)
-        elif gt == "no":
-            tn, fp = (tn + 1, fp) if "no" in ans else (tn, fp + 1)
-    n = len(labels)
-    p, r = ratio(tp, tp + fp), ratio(tp, tp + fn)
-    f1 = None if p is None or r is None or p + r == 0 else 2 * p * r / (p + r)
-    return {"accuracy": ratio(tp + tn, n), "precision": p, "recall": r, "f1": f1, "yes_ratio": ratio(tp + fp, n),
-            "TP": tp, "FP": fp, "TN": tn, "FN": fn, "questions": n}
 
 
 def toy_chair_metrics(captions: list[str], truths: list[set[str]]) -> dict:
