@@ -133,8 +133,10 @@ def pack(w):
 
 def packing_pays(w) -> bool:
     """Whether to use a packed copy of w: forced by MINIDAMRO_LINEAR=packed; with auto, measured once per
-    (dtype, N, K) against the fastest unpacked formulation, one row. Never for other devices, or where oneDNN
-    lacks the dtype (float16 needs AVX-512 FP16)."""
+    (dtype, N, K) against the fastest unpacked formulation. A packed layer serves every decode step, one row
+    (plain) and two rows (DAMRO, VCD), so it is packed only if packing is no slower for either: a choice made
+    on one row alone left two-row steps on a slower kernel. Never for other devices, or where oneDNN lacks the
+    dtype (float16 needs AVX-512 FP16)."""
     name = forced()
     if name not in (None, "packed") or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
@@ -146,17 +148,20 @@ def packing_pays(w) -> bool:
     if key not in _chosen:
         n, k = w.shape  # scratch weights only: the real ones stay untouched (memory-mapped, not resident)
         rows = min(n, POOL_BYTES // (k * w.element_size()))
-        eager = min(measure(torch.ones(rows, k, dtype=w.dtype), 1, False).values())
         copies = min(MAX_COPIES, math.ceil(POOL_BYTES / (rows * k * w.element_size())))  # as measure's pool
         pool = [pack(torch.ones(rows, k, dtype=w.dtype)) for _ in range(copies)]
-        x = torch.ones(1, k, dtype=w.dtype)
-        packed = math.inf
-        for _ in range(2):
-            t = time.perf_counter()
-            for p in pool:
-                _packed(x, p, None)
-            packed = min(packed, time.perf_counter() - t)
-        _chosen[key] = packed < eager
+        pays = True
+        for r in range(1, MAX_ROWS + 1):
+            eager = min(measure(torch.ones(rows, k, dtype=w.dtype), r, False).values())
+            x = torch.ones(r, k, dtype=w.dtype)
+            packed = math.inf
+            for _ in range(2):
+                t = time.perf_counter()
+                for p in pool:
+                    _packed(x, p, None)
+                packed = min(packed, time.perf_counter() - t)
+            pays = pays and packed <= eager
+        _chosen[key] = pays
     return _chosen[key]
 
 
