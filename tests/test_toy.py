@@ -66,6 +66,21 @@ def test_texts():
     assert world.mentioned_kinds("Two stars, a cross; crosses and a moonlight.") == ["star", "cross", "cross"]
 
 
+def test_single_turn_existence_share():
+    """--existence sets the share of existence questions; the rest stay captions : attributes = 40 : 15."""
+    rng = random.Random(0)
+    scenes = [world.sample_scene(rng) for _ in range(400)]
+
+    def kinds(share):
+        r = random.Random(1)
+        qs = [world.single_turn(r, s, existence=share)[0][0] for s in scenes]
+        return sum(q.startswith("Is there") for q in qs), sum(q in world.CAPTION_PROMPTS for q in qs)
+    assert kinds(1.0) == (400, 0)
+    assert kinds(0.0)[0] == 0 and 250 < kinds(0.0)[1] < 335      # 40/55 of 400 = 291
+    exist, capt = kinds(0.8)
+    assert 290 < exist < 350 and 40 < capt < 80                  # 320 and 58 expected
+
+
 # --- splits and metrics ---------------------------------------------------------------------------------------
 
 def test_splits_on_an_image_with_exactly_a_star():

@@ -50,14 +50,14 @@ def plot_losses(losses: list[float], path: str, title: str):
 def cmd_train(a):
     from . import train as T
     import torch
-    if a.steps < 1 or a.batch < 1 or a.vit_steps < 0 or a.threads < 1 or not 0 < a.lr < 1:
-        raise MinidamroError("--steps, --batch and --threads must be >= 1, --vit-steps >= 0, --lr in (0, 1)")
+    if a.steps < 1 or a.batch < 1 or a.vit_steps < 0 or a.threads < 1 or not 0 < a.lr < 1 or not 0 <= a.existence <= 1:
+        raise MinidamroError("--steps, --batch and --threads must be >= 1, --vit-steps >= 0, --lr in (0, 1), --existence in [0, 1]")
     if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
         raise MinidamroError(f"--init {a.init} is not a minidamro checkpoint")
     if os.path.exists(a.out) and not a.force:
         raise MinidamroError(f"{a.out} exists; pass --force to replace it")
     tc = T.TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, turns=a.turns,
-                       vit_steps=a.vit_steps, init=a.init or "")
+                       existence=a.existence, vit_steps=a.vit_steps, init=a.init or "")
     with tempfile.TemporaryDirectory() as work:
         start = time.time()
         model, tok, tok_file, losses = T.train(tc, work, save_every=a.save_every, save_to=a.out)
@@ -134,6 +134,8 @@ def main(argv=None):
     t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1 steps (the ViT alone); 0 skips it")
     t.add_argument("--init", default=None, help="continue from this checkpoint instead of from scratch")
     t.add_argument("--turns", choices=("multi", "single"), default=d.turns)
+    t.add_argument("--existence", type=float, default=d.existence,
+                   help="--turns single: the share of existence questions (the rest captions : attributes 40 : 15)")
     t.add_argument("--save-every", type=int, default=0, help="also save OUT-stepN every N steps (0: only at the end)")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored weights")
     e = sub.add_parser("eval", help="the hallucination lab: POPE-style splits and captions, per decoding method")

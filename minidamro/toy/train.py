@@ -53,6 +53,7 @@ class TrainConfig:
     llm: tuple = (4, 192, 6)  # LLaMA layers, width, heads (Vicuna-7B: 32, 4096, 32)
     threads: int = 2
     turns: str = "single"     # "multi": a conversation per scene; "single": one question per scene
+    existence: float = 0.45   # "single": the share of existence questions (the rest captions : attributes = 40 : 15)
     vit_steps: int = 1500     # stage 1: the ViT alone, as CLIP is trained before LLaVA (0: skip)
     vit_batch: int = 64
     vit_lr: float = 3e-3
@@ -121,13 +122,13 @@ def encode_conversation(tok: Tokenizer, cfg: LlavaConfig, turns) -> tuple[list[i
     return expanded, targets[1:] + [-100]
 
 
-def batch(tok, cfg, rng: random.Random, n: int, turns: str = "multi"):
+def batch(tok, cfg, rng: random.Random, n: int, turns: str = "multi", existence: float = 0.45):
     """n scenes of the training world -> pixels (n, 3, S, S), ids (n, T), targets (n, T) (right-padded)."""
     pixels, rows = [], []
     for _ in range(n):
         scene = world.sample_scene(rng)
         pixels.append(preprocess(world.render(scene), cfg.preprocessor))
-        talk = world.conversation(rng, scene) if turns == "multi" else world.single_turn(rng, scene)
+        talk = world.conversation(rng, scene) if turns == "multi" else world.single_turn(rng, scene, existence=existence)
         rows.append(encode_conversation(tok, cfg, talk))
     T = max(len(r[0]) for r in rows)
     pad = cfg.special_tokens["<pad>"]
@@ -280,7 +281,7 @@ def train(tc: TrainConfig, workdir: str, log=sys.stderr, every: int = 25, save_e
     losses, start, window = [], time.time(), []
     model.train()
     for step in range(tc.steps):
-        pixels, ids, targets = batch(tok, cfg, rng, tc.batch, tc.turns)
+        pixels, ids, targets = batch(tok, cfg, rng, tc.batch, tc.turns, tc.existence)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
         loss = loss_fn(model, pixels, ids, targets)

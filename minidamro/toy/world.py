@@ -259,14 +259,15 @@ def conversation(rng: random.Random, scene: Scene, absent_pool=KINDS) -> list[tu
     return turns
 
 
-def single_turn(rng: random.Random, scene: Scene, absent_pool=KINDS) -> list[tuple[str, str]]:
-    """One question about a scene: a caption (40%), an existence question (45%, yes or no equally likely; the
-    absent kind drawn uniformly from `absent_pool`) or an attribute question (15%). Unlike a multi-turn
-    conversation, no answer can be read off an earlier turn: every label needs the image."""
+def single_turn(rng: random.Random, scene: Scene, absent_pool=KINDS, existence: float = 0.45) -> list[tuple[str, str]]:
+    """One question about a scene: an existence question (share `existence`, 45% by default; yes or no equally
+    likely, the absent kind drawn uniformly from `absent_pool`), else a caption or an attribute question in the
+    ratio 40 : 15. Unlike a multi-turn conversation, no answer can be read off an earlier turn: every label
+    needs the image."""
     r = rng.random()
-    if r < 0.4:
+    if r < 40 / 55 * (1 - existence):
         return [(rng.choice(CAPTION_PROMPTS), caption(scene))]
-    if r < 0.85:
+    if r < 40 / 55 * (1 - existence) + existence:
         absent = [k for k in absent_pool if k not in scene.kinds]
         pool = [o.kind for o in scene.objects] if rng.random() < 0.5 else absent
         return [existence_qa(rng.choice(pool), scene)]
