@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import MinidamroError
 from .generation import Sampler, decode_step, new_cache, prefill
 from .llama import KVCache
 from .llava import Llava
@@ -57,6 +58,14 @@ PLAIN = Method("plain", PlainConfig, check=lambda model, cfg: None,
                prepare=lambda model, pixels, cfg, generator=None, image_size=None:
                Prepared([image_features(model, pixels, image_size)]),
                rule=None)
+
+
+def check_contrast(alpha: float, beta: float):
+    """The settings of the rule of Eq. 5-6 every contrastive method shares: alpha >= 0 finite, beta in (0, 1]."""
+    if not 0 < beta <= 1:
+        raise MinidamroError(f"--beta must be in (0, 1], got {beta}")
+    if not 0 <= alpha < float("inf"):
+        raise MinidamroError(f"--alpha must be a finite number >= 0, got {alpha}")
 
 
 def stream_ids(ids, image_token: int, n: int):

@@ -24,7 +24,7 @@ import torch
 
 from . import MinidamroError
 from .capture import Capture
-from .contrastive import Method, Prepared, generate as contrastive_generate
+from .contrastive import Method, Prepared, check_contrast, generate as contrastive_generate
 from .generation import Sampler
 from .llava import Llava
 
@@ -41,10 +41,7 @@ class DamroConfig:
     def check(self, num_patches: int):
         if not 1 <= self.topk <= num_patches:
             raise MinidamroError(f"--topk must be between 1 and the {num_patches} image patches, got {self.topk}")
-        if not 0 < self.beta <= 1:
-            raise MinidamroError(f"--beta must be in (0, 1], got {self.beta}")
-        if not 0 <= self.alpha < float("inf"):
-            raise MinidamroError(f"--alpha must be a finite number >= 0, got {self.alpha}")
+        check_contrast(self.alpha, self.beta)
         if self.outlier_attention not in OUTLIER_ATTENTION:
             raise MinidamroError(f"--outlier-attention must be one of {OUTLIER_ATTENTION}")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import MinidamroError
-from .contrastive import Method, Prepared, image_features
+from .contrastive import Method, Prepared, check_contrast, image_features
 from .damro import rule
 from .llava import Llava
 
@@ -33,10 +33,7 @@ class VcdConfig:
         if isinstance(self.noise_step, bool) or not isinstance(self.noise_step, int) \
                 or not 0 <= self.noise_step < NUM_STEPS:
             raise MinidamroError(f"--noise-step must be an integer in 0..{NUM_STEPS - 1}, got {self.noise_step}")
-        if not 0 < self.beta <= 1:
-            raise MinidamroError(f"--beta must be in (0, 1], got {self.beta}")
-        if not 0 <= self.alpha < float("inf"):
-            raise MinidamroError(f"--alpha must be a finite number >= 0, got {self.alpha}")
+        check_contrast(self.alpha, self.beta)
 
 
 def noise_scales(t: int) -> tuple[torch.Tensor, torch.Tensor]:
