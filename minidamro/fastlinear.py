@@ -61,14 +61,27 @@ def candidates(rows: int) -> list[str]:
     return [name for name in FORMS if rows == 1 or name not in ONE_ROW]
 
 
-def forced() -> str | None:
-    """The formulation MINIDAMRO_LINEAR forces, None for "auto" / unset; an unknown name is an error."""
-    name = os.environ.get(ENV, "auto")
+def _forced(env: str, names) -> str | None:
+    """The formulation environment variable `env` forces, None for "auto" / unset; an unknown name is an error."""
+    name = os.environ.get(env, "auto")
     if name == "auto":
         return None
-    if name not in NAMES:
-        raise MinidamroError(f"{ENV}={name!r}: must be auto or one of {', '.join(NAMES)}")
+    if name not in names:
+        raise MinidamroError(f"{env}={name!r}: must be auto or one of {', '.join(names)}")
     return name
+
+
+def forced() -> str | None:
+    return _forced(ENV, NAMES)
+
+
+def _best_time(f, reps: int, best: float = math.inf) -> float:
+    """The shortest of `reps` wall-clock timings of f()."""
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def measure(w, rows: int, has_bias: bool, reps: int = 2) -> dict[str, float]:
@@ -85,13 +98,9 @@ def measure(w, rows: int, has_bias: bool, reps: int = 2) -> dict[str, float]:
     x = torch.ones(rows, k, dtype=w.dtype, device=w.device)  # the values do not change the speed
     b = torch.zeros(pool[0].shape[0], dtype=w.dtype, device=w.device) if has_bias else None
     best = {}
-    for _ in range(reps):
+    for _ in range(reps):  # interleaved: a passing disturbance hits every candidate alike
         for name in candidates(rows):
-            f = FORMS[name]
-            t = time.perf_counter()
-            for p in pool:
-                f(x, p, b)
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+            best[name] = _best_time(lambda: [FORMS[name](x, p, b) for p in pool], 1, best.get(name, math.inf))
     return best
 
 
@@ -154,12 +163,7 @@ def packing_pays(w) -> bool:
         for r in range(1, MAX_ROWS + 1):
             eager = min(measure(torch.ones(rows, k, dtype=w.dtype), r, False).values())
             x = torch.ones(r, k, dtype=w.dtype)
-            packed = math.inf
-            for _ in range(2):
-                t = time.perf_counter()
-                for p in pool:
-                    _packed(x, p, None)
-                packed = min(packed, time.perf_counter() - t)
+            packed = _best_time(lambda: [_packed(x, p, None) for p in pool], reps=2)
             pays = pays and packed <= eager
         _chosen[key] = pays
     return _chosen[key]
@@ -215,13 +219,7 @@ ATTEND = {"sdpa": _attend_sdpa, "eager": _attend_eager}
 
 
 def forced_attention() -> str | None:
-    """The formulation MINIDAMRO_ATTENTION forces, None for "auto" / unset; an unknown name is an error."""
-    name = os.environ.get(ATTENTION_ENV, "auto")
-    if name == "auto":
-        return None
-    if name not in ATTENTION_FORMS:
-        raise MinidamroError(f"{ATTENTION_ENV}={name!r}: must be auto, sdpa or eager")
-    return name
+    return _forced(ATTENTION_ENV, ATTENTION_FORMS)
 
 
 def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions: int = MEASURE_POSITIONS,
@@ -237,9 +235,7 @@ def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions
     best = {}
     for _ in range(reps):
         for name, f in ATTEND.items():
-            t = time.perf_counter()
-            f(q, k, v, scratch)
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+            best[name] = _best_time(lambda: f(q, k, v, scratch), 1, best.get(name, math.inf))
     return best
 
 
