@@ -69,18 +69,10 @@ IMPLS = ("hf", "hf_damro", "md_plain", "md_damro", "md_damro_2call", "md_vcd")
 
 
 # ---------------------------------------------------------------- the checkpoint
-def build(workdir: str, size: str):
-    """Random llava-hf checkpoint in workdir/hf, converted to workdir/minidamro; skipped if already there."""
-    stamp = os.path.join(workdir, "spec.json")
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            if json.load(f) == SPEC[size]:
-                return
+def write_tokenizer(workdir: str, hf: str, image_size: int, **processor):
+    """A small sentencepiece model (ids only need to be valid) and llava-hf's tokenizer and preprocessor JSON in
+    hf; `processor` adds or overrides preprocessor_config.json entries (the image processor type, NeXT's pinpoints)."""
     import sentencepiece as spm
-    import torch
-    import weights_convert
-    hf, spec = os.path.join(workdir, "hf"), SPEC[size]
-    os.makedirs(hf, exist_ok=True)
     corpus = os.path.join(workdir, "corpus.txt")
     with open(corpus, "w") as f:
         f.write("\n".join(f"USER: {PROMPT} ASSISTANT: a cat on a red sofa, {i} windows and {i * 7} birds."
@@ -88,6 +80,35 @@ def build(workdir: str, size: str):
     spm.SentencePieceTrainer.train(
         input=corpus, model_prefix=os.path.join(hf, "tokenizer"), vocab_size=SP_VOCAB, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    tok = lambda s: {"content": s, "lstrip": False, "normalized": False, "rstrip": False,  # noqa: E731
+                     "single_word": False, "special": True}
+    s = image_size
+    for name, d in {
+        "tokenizer_config.json": {"added_tokens_decoder": {str(IMAGE_TOKEN): tok("<image>"),
+                                                           str(PAD_TOKEN): tok("<pad>")},
+                                  "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                                  "legacy": False, "tokenizer_class": "LlamaTokenizer"},
+        "preprocessor_config.json": {
+            "crop_size": {"height": s, "width": s}, "do_center_crop": True, "do_convert_rgb": True,
+            "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": s}, **processor},
+    }.items():
+        with open(os.path.join(hf, name), "w") as f:
+            json.dump(d, f, indent=2)
+
+
+def build(workdir: str, size: str):
+    """Random llava-hf checkpoint in workdir/hf, converted to workdir/minidamro; skipped if already there."""
+    stamp = os.path.join(workdir, "spec.json")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f) == SPEC[size]:
+                return
+    import torch
+    import weights_convert
+    hf, spec = os.path.join(workdir, "hf"), SPEC[size]
+    os.makedirs(hf, exist_ok=True)
     if size == "7b":  # streamed: no transformers, never the whole model in memory
         from .bench7b import write_hf
         write_hf(hf, IMAGE_TOKEN)
@@ -98,22 +119,7 @@ def build(workdir: str, size: str):
                           image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
                           vision_feature_select_strategy="default")
         LlavaForConditionalGeneration(cfg).save_pretrained(hf)
-    tok = lambda s: {"content": s, "lstrip": False, "normalized": False, "rstrip": False,  # noqa: E731
-                     "single_word": False, "special": True}
-    s = spec["vision"]["image_size"]
-    for name, d in {
-        "tokenizer_config.json": {"added_tokens_decoder": {str(IMAGE_TOKEN): tok("<image>"),
-                                                           str(PAD_TOKEN): tok("<pad>")},
-                                  "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-                                  "legacy": False, "tokenizer_class": "LlamaTokenizer"},
-        "preprocessor_config.json": {
-            "crop_size": {"height": s, "width": s}, "do_center_crop": True, "do_convert_rgb": True,
-            "do_normalize": True, "do_rescale": True, "do_resize": True, "image_processor_type": "CLIPImageProcessor",
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": s}},
-    }.items():
-        with open(os.path.join(hf, name), "w") as f:
-            json.dump(d, f, indent=2)
+    write_tokenizer(workdir, hf, spec["vision"]["image_size"], image_processor_type="CLIPImageProcessor")
     weights_convert.convert(hf, os.path.join(workdir, "minidamro"), force=True)
     with open(stamp, "w") as f:
         json.dump(spec, f)

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from .bench import IMAGE_TOKEN, PROMPT, write_tokenizer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 SPEC = {
@@ -34,8 +36,7 @@ SPEC = {
                             num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096),
                   pinpoints=[[p // 6 for p in pp] for pp in PINPOINTS], image=(112, 112)),
 }
-IMAGE_TOKEN, PAD_TOKEN, SP_VOCAB = 32000, 32001, 400
-PROMPT, TOPK = "Describe this image in detail.", 10
+TOPK = 10
 SHARD_BYTES = 2 << 30
 
 
@@ -47,7 +48,6 @@ def build(workdir: str, size: str, dtype: str):
         with open(stamp) as f:
             if json.load(f) == want:
                 return
-    import sentencepiece as spm
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
@@ -82,30 +82,8 @@ def build(workdir: str, size: str, dtype: str):
     with open(os.path.join(hf, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
-    corpus = os.path.join(workdir, "corpus.txt")
-    with open(corpus, "w") as f:
-        f.write("\n".join(f"USER: {PROMPT} ASSISTANT: a cat on a red sofa, {i} windows and {i * 7} birds."
-                          for i in range(3000)))
-    spm.SentencePieceTrainer.train(
-        input=corpus, model_prefix=os.path.join(hf, "tokenizer"), vocab_size=SP_VOCAB, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    tok = lambda s: {"content": s, "lstrip": False, "normalized": False, "rstrip": False,  # noqa: E731
-                     "single_word": False, "special": True}
-    s = spec["vision"]["image_size"]
-    for name, d in {
-        "tokenizer_config.json": {"added_tokens_decoder": {str(IMAGE_TOKEN): tok("<image>"),
-                                                           str(PAD_TOKEN): tok("<pad>")},
-                                  "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-                                  "legacy": False, "tokenizer_class": "LlamaTokenizer"},
-        "preprocessor_config.json": {
-            "crop_size": {"height": s, "width": s}, "do_center_crop": True, "do_convert_rgb": True,
-            "do_normalize": True, "do_rescale": True, "do_resize": True, "do_pad": True,
-            "image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": spec["pinpoints"],
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": s}},
-    }.items():
-        with open(os.path.join(hf, name), "w") as f:
-            json.dump(d, f, indent=2)
+    write_tokenizer(workdir, hf, spec["vision"]["image_size"], image_processor_type="LlavaNextImageProcessor",
+                    do_pad=True, image_grid_pinpoints=spec["pinpoints"])
     t0 = time.perf_counter()
     weights_convert.convert(hf, os.path.join(workdir, "minidamro"), dtype=dtype, force=True)
     print(f"converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
