@@ -119,8 +119,12 @@ class LlamaAttention(nn.Module):
             elif T == 1:  # decode: SDPA or the eager formulation, whichever is faster on this machine
                 y = attention(qb, keys[None], values[None], cache.scratch)
             else:
-                y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=masks[b],
-                                                   enable_gqa=self.n_kv != self.n_heads)
+                # A prefill from position 0 is plainly causal: is_causal (as transformers' SDPA path passes it)
+                # lets the fused kernel skip the key blocks above the diagonal, about half the work; a prefill
+                # that continues a cache (the evaluation's questions after a shared prefix) needs the mask.
+                fresh = cache.length == 0
+                y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=None if fresh else masks[b],
+                                                   is_causal=fresh, enable_gqa=self.n_kv != self.n_heads)
             out.append(y)
         y = (out[0] if B == 1 else torch.cat(out)).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.o_proj(y)
