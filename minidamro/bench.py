@@ -322,6 +322,11 @@ def worker(args):
                 "decode_best_ms": 1e3 * min(decode), "decode_gap_median_ms": 1e3 * statistics.median(gaps),
                 "prefill_runs_s": prefill,
                 "decode_runs_ms": [1e3 * d for d in decode], "tokens": tokens}
+        if not args.worker.startswith("hf"):
+            # What this process measured and chose (formulation per linear shape and row count, packing, the
+            # one-query attention form): the choices can differ between processes, and so can the figures.
+            from . import fastlinear
+            res["chosen"] = {" ".join(map(str, key)): name for key, name in fastlinear._chosen.items()}
     res["mem_end"] = memory()
     with open(args.worker_out, "w") as f:
         json.dump(res, f)
