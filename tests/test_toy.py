@@ -66,19 +66,43 @@ def test_texts():
     assert world.mentioned_kinds("Two stars, a cross; crosses and a moonlight.") == ["star", "cross", "cross"]
 
 
-def test_single_turn_existence_share():
-    """--existence sets the share of existence questions; the rest stay captions : attributes = 40 : 15."""
+def test_existence_questions_are_balanced_and_true():
     rng = random.Random(0)
-    scenes = [world.sample_scene(rng) for _ in range(400)]
+    answers = []
+    for _ in range(300):
+        s = world.sample_scene(rng)
+        for q, a in world.existence_questions(rng, s, 3):
+            kind = q.split()[3] if q.split()[2] in ("a", "an") else None
+            assert world.existence_question(kind) == q and (a == "Yes") == (kind in s.kinds)
+            answers.append(a)
+    assert 400 < answers.count("Yes") < 500  # 450 expected: each answer is yes with probability 1/2
 
-    def kinds(share):
-        r = random.Random(1)
-        qs = [world.single_turn(r, s, existence=share)[0][0] for s in scenes]
-        return sum(q.startswith("Is there") for q in qs), sum(q in world.CAPTION_PROMPTS for q in qs)
-    assert kinds(1.0) == (400, 0)
-    assert kinds(0.0)[0] == 0 and 250 < kinds(0.0)[1] < 335      # 40/55 of 400 = 291
-    exist, capt = kinds(0.8)
-    assert 290 < exist < 350 and 40 < capt < 80                  # 320 and 58 expected
+
+def test_training_data_of_each_stage():
+    """Stage 2 puts the caption where the image will be, and asks about it; stages 3-4 ask about the image."""
+    tok_dir = tempfile.mkdtemp()
+    tok_file = train.train_tokenizer(os.path.join(tok_dir, "tok"), 0)
+    cfg = train.model_config(train.TrainConfig(vit=(1, 32, 2), llm=(1, 32, 2)), 512)
+    tok = Tokenizer(tok_file, cfg.special_tokens)
+    assert [q.startswith("Is there") for q, _ in train.text_turns(random.Random(1), STAR, 2)] == [True, True]
+    ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")],
+                                             context=world.caption(STAR))
+    assert tok.decode(ids) == "USER: A large red star.\nIs there a star in the image? ASSISTANT: Yes"
+    answer = [t for t in targets if t != -100]
+    assert tok.decode(answer[:-1]) == "Yes" and answer[-1] == tok.eos_id
+    ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "No")])
+    assert ids.count(cfg.image_token_index) == cfg.num_image_tokens
+    counts = {"existence": 0, "caption": 0, "attribute": 0}
+    rng = random.Random(2)
+    mix = {"existence": 0.6, "caption": 0.25, "attribute": 0.15}
+    for _ in range(1000):
+        t = train.image_turns(rng, STAR, mix)
+        kind = ("existence" if t[0][0].startswith("Is there") else
+                "caption" if t[0][0] in world.CAPTION_PROMPTS else "attribute")
+        assert len(t) == 1
+        counts[kind] += 1
+    for kind, share in mix.items():  # 1000 draws: within 5 standard deviations
+        assert abs(counts[kind] - 1000 * share) <= 5 * (1000 * share * (1 - share)) ** 0.5, counts
 
 
 # --- splits and metrics ---------------------------------------------------------------------------------------
@@ -120,10 +144,14 @@ def test_toy_metrics_known_answers():
 # --- training -------------------------------------------------------------------------------------------------
 
 def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
-    tc = train.TrainConfig(steps=40, batch=4, lr=3e-3, warmup=5, vit=(2, 32, 2), llm=(2, 48, 2), threads=1,
-                           vit_steps=3, vit_batch=4)
-    model, tok, tok_file, losses = train.train(tc, str(tmp_path), log=open(os.devnull, "w"))
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    tc = train.TrainConfig(batch=4, lr=3e-3, warmup=5, vit=(2, 32, 2), llm=(2, 48, 2), threads=1,
+                           vit_steps=3, text_steps=40, questions=2, align_steps=3, steps=3)
+    seen = []
+    model, tok, tok_file, losses = train.train(tc, str(tmp_path), log=open(os.devnull, "w"),
+                                               after_stage=lambda stage, m, f: seen.append(stage))
+    assert seen == list(train.STAGES) and [len(losses[s]) for s in seen] == [3, 40, 3, 3]
+    text = losses["text"]
+    assert sum(text[-5:]) / 5 < 0.7 * sum(text[:5]) / 5, text
     train.save_checkpoint(model, tok_file, str(tmp_path / "ckpt"))
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors", "tokenizer.model"]
     loaded = load_model(str(tmp_path / "ckpt"))
@@ -140,6 +168,31 @@ def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint
     # layers' width-long dot products can move by ~width ulps of the magnitude it sums.
     tol = (tc.llm[0] + tc.vit[0]) * tc.llm[1] * torch.finfo(torch.float32).eps * (1 + float(b.abs().max()))
     assert float((a - b).abs().max()) <= tol and int(a.argmax()) == int(b.argmax())
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--steps", "-1"], "steps >= 0"),
+    (["--vit-steps", "0", "--text-steps", "0", "--align-steps", "0", "--steps", "0"], "nothing to train"),
+    (["--init", "no/such/dir"], "not a minidamro checkpoint"),
+    (["--lr", "2"], "--lr in (0, 1)"),
+])
+def test_train_command_refuses_impossible_options_in_one_line(tmp_path, capsys, argv, says):
+    from minidamro.toy.__main__ import main as toy_main
+    with pytest.raises(SystemExit) as e:
+        toy_main(["train", "--out", str(tmp_path / "out")] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and len(err.strip().splitlines()) == 1 and says in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_train_command_does_not_overwrite_without_force(tmp_path, capsys):
+    from minidamro.toy.__main__ import main as toy_main
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        toy_main(["train", "--out", str(tmp_path / "out"), "--steps", "1"])
+    assert e.value.code != 0 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
 
 
 # --- the shipped model ----------------------------------------------------------------------------------------

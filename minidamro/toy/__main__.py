@@ -16,33 +16,38 @@ from .. import MinidamroError
 from . import MODEL_DIR
 
 
-def plot_losses(losses: list[float], path: str, title: str):
-    """A loss curve drawn with Pillow (raw per-step loss in grey, a 25-step running mean in blue, log y)."""
+def plot_losses(losses: dict, path: str, title: str):
+    """The training curves drawn with Pillow, the stages side by side (raw per-step loss in grey, a 25-step
+    running mean in blue, log y)."""
     import math
     from PIL import Image, ImageDraw
-    W, H, L, R, T, B = 640, 360, 56, 16, 30, 40
+    series = [v for stage in losses.values() for v in stage]
+    W, H, L, R, T, B = 800, 360, 56, 16, 30, 40
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    lo, hi = math.log10(max(min(losses), 1e-4)), math.log10(max(losses))
+    lo, hi = math.log10(max(min(series), 1e-4)), math.log10(max(series))
     lo, hi = math.floor(lo), math.ceil(hi) if hi > lo else lo + 1
 
     def xy(i, v):
-        x = L + (W - L - R) * i / max(1, len(losses) - 1)
+        x = L + (W - L - R) * i / max(1, len(series) - 1)
         y = T + (H - T - B) * (hi - math.log10(max(v, 1e-4))) / (hi - lo)
         return x, y
     for e in range(lo, hi + 1):
         y = xy(0, 10 ** e)[1]
         d.line((L, y, W - R, y), fill=(225, 225, 225))
         d.text((4, y - 6), f"1e{e}", fill="black")
-    d.line([xy(i, v) for i, v in enumerate(losses)], fill=(190, 190, 190))
-    mean = [sum(losses[max(0, i - 24):i + 1]) / len(losses[max(0, i - 24):i + 1]) for i in range(len(losses))]
-    d.line([xy(i, v) for i, v in enumerate(mean)], fill=(30, 70, 230), width=2)
+    first = 0
+    for stage, values in losses.items():
+        d.line([xy(first + i, v) for i, v in enumerate(values)], fill=(190, 190, 190))
+        mean = [sum(values[max(0, i - 24):i + 1]) / len(values[max(0, i - 24):i + 1]) for i in range(len(values))]
+        d.line([xy(first + i, v) for i, v in enumerate(mean)], fill=(30, 70, 230), width=2)
+        x = xy(first, 1)[0]
+        d.line((x, T, x, H - B), fill=(120, 120, 120))
+        d.text((x + 4, T + 4), f"{stage} ({len(values)})", fill="black")
+        first += len(values)
     d.rectangle((L, T, W - R, H - B), outline="black")
-    for frac in (0, 0.25, 0.5, 0.75, 1):
-        i = round(frac * (len(losses) - 1))
-        d.text((xy(i, 1)[0] - 10, H - B + 6), str(i + 1), fill="black")
     d.text((L, 8), title, fill="black")
-    d.text(((W - 80) // 2, H - 18), "training step", fill="black")
+    d.text(((W - 160) // 2, H - 18), "training step, stage after stage", fill="black")
     img.save(path + ".tmp", format="PNG")
     os.replace(path + ".tmp", path)
 
@@ -50,24 +55,31 @@ def plot_losses(losses: list[float], path: str, title: str):
 def cmd_train(a):
     from . import train as T
     import torch
-    if a.steps < 1 or a.batch < 1 or a.vit_steps < 0 or a.threads < 1 or not 0 < a.lr < 1 or not 0 <= a.existence <= 1:
-        raise MinidamroError("--steps, --batch and --threads must be >= 1, --vit-steps >= 0, --lr in (0, 1), --existence in [0, 1]")
+    if min(a.batch, a.threads) < 1 or min(a.vit_steps, a.text_steps, a.align_steps, a.steps, a.questions - 1) < 0 \
+            or not 0 < a.lr < 1:
+        raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr in (0, 1)")
+    if not a.vit_steps + a.text_steps + a.align_steps + a.steps:
+        raise MinidamroError("every stage has 0 steps: nothing to train")
     if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
         raise MinidamroError(f"--init {a.init} is not a minidamro checkpoint")
     if os.path.exists(a.out) and not a.force:
         raise MinidamroError(f"{a.out} exists; pass --force to replace it")
-    tc = T.TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, turns=a.turns,
-                       existence=a.existence, vit_steps=a.vit_steps, init=a.init or "")
+    tc = T.TrainConfig(batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, precision=a.precision,
+                       vit_steps=a.vit_steps, text_steps=a.text_steps, questions=a.questions,
+                       align_steps=a.align_steps, steps=a.steps, init=a.init or "")
     with tempfile.TemporaryDirectory() as work:
         start = time.time()
-        model, tok, tok_file, losses = T.train(tc, work, save_every=a.save_every, save_to=a.out)
+        def save_stage(stage, model, tok_file):  # a checkpoint to resume from with --init
+            T.save_checkpoint(model, tok_file, f"{a.out}-after-{stage}")
+        model, tok, tok_file, losses = T.train(tc, work, after_stage=save_stage if a.save_stages else None)
         minutes = (time.time() - start) / 60
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
         T.save_checkpoint(model, tok_file, a.out, dtype, extra={"train": vars(tc) | {"minutes": round(minutes, 1)}})
     with open(os.path.join(a.out, "losses.json"), "w") as f:
-        json.dump([round(v, 5) for v in losses], f)
+        json.dump({k: [round(v, 5) for v in vs] for k, vs in losses.items()}, f)
     plot_losses(losses, os.path.join(a.out, "loss.png"),
-                f"toy LLaVA training loss (answer tokens), {tc.steps} steps x {tc.batch} scenes, {minutes:.1f} min")
+                f"toy LLaVA training loss (answer tokens; stage 1: the ViT's own heads), batch {tc.batch}, "
+                f"{minutes:.1f} min")
     print(f"wrote {a.out} ({minutes:.1f} min)", file=sys.stderr)
 
 
@@ -126,17 +138,21 @@ def main(argv=None):
     t.add_argument("--force", action="store_true", help="replace --out if it exists")
     from .train import TrainConfig
     d = TrainConfig()
-    t.add_argument("--steps", type=int, default=d.steps)
-    t.add_argument("--batch", type=int, default=d.batch)
-    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1: the ViT alone (0 skips a stage)")
+    t.add_argument("--text-steps", type=int, default=d.text_steps, help="stage 2: the LLM alone, on captions as text")
+    t.add_argument("--questions", type=int, default=d.questions, help="stage 2: existence questions per caption")
+    t.add_argument("--align-steps", type=int, default=d.align_steps, help="stage 3: the projector alone")
+    t.add_argument("--steps", type=int, default=d.steps, help="stage 4: the projector and the LLM on images")
+    t.add_argument("--batch", type=int, default=d.batch, help="scenes per step")
+    t.add_argument("--lr", type=float, default=d.lr, help="each stage's peak learning rate")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=d.threads)
-    t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1 steps (the ViT alone); 0 skips it")
-    t.add_argument("--init", default=None, help="continue from this checkpoint instead of from scratch")
-    t.add_argument("--turns", choices=("multi", "single"), default=d.turns)
-    t.add_argument("--existence", type=float, default=d.existence,
-                   help="--turns single: the share of existence questions (the rest captions : attributes 40 : 15)")
-    t.add_argument("--save-every", type=int, default=0, help="also save OUT-stepN every N steps (0: only at the end)")
+    t.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
+                   help="bf16: matmuls under bfloat16 autocast (weights and optimizer float32)")
+    t.add_argument("--init", default=None, help="start from this checkpoint instead of from scratch "
+                   "(with the finished stages' steps set to 0, this resumes a run from a checkpoint)")
+    t.add_argument("--save-stages", action="store_true", help="also save OUT-after-STAGE after each stage, to "
+                   "resume from with --init (the scene stream restarts: not bitwise the uninterrupted run)")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored weights")
     e = sub.add_parser("eval", help="the hallucination lab: POPE-style splits and captions, per decoding method")
     e.add_argument("--model", default=MODEL_DIR, help="checkpoint (default: the shipped toy model)")

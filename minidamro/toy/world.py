@@ -246,9 +246,9 @@ def attribute_qa(rng: random.Random, scene: Scene) -> tuple[str, str]:
 
 
 def conversation(rng: random.Random, scene: Scene, absent_pool=KINDS) -> list[tuple[str, str]]:
-    """A training conversation about one scene, as LLaVA's instruction data: several turns, in random order.
-    One caption, up to two existence questions with answer yes and two with answer no (absent kinds drawn
-    uniformly from `absent_pool`), and two attribute questions."""
+    """Everything the world says about one scene, as turns in random order (the tokenizer's corpus): one
+    caption, up to two existence questions with answer yes and two with answer no (absent kinds drawn uniformly
+    from `absent_pool`), and two attribute questions."""
     present = [o.kind for o in scene.objects]
     absent = [k for k in absent_pool if k not in scene.kinds]
     turns = [(rng.choice(CAPTION_PROMPTS), caption(scene))]
@@ -259,19 +259,12 @@ def conversation(rng: random.Random, scene: Scene, absent_pool=KINDS) -> list[tu
     return turns
 
 
-def single_turn(rng: random.Random, scene: Scene, absent_pool=KINDS, existence: float = 0.45) -> list[tuple[str, str]]:
-    """One question about a scene: an existence question (share `existence`, 45% by default; yes or no equally
-    likely, the absent kind drawn uniformly from `absent_pool`), else a caption or an attribute question in the
-    ratio 40 : 15. Unlike a multi-turn conversation, no answer can be read off an earlier turn: every label
-    needs the image."""
-    r = rng.random()
-    if r < 40 / 55 * (1 - existence):
-        return [(rng.choice(CAPTION_PROMPTS), caption(scene))]
-    if r < 40 / 55 * (1 - existence) + existence:
-        absent = [k for k in absent_pool if k not in scene.kinds]
-        pool = [o.kind for o in scene.objects] if rng.random() < 0.5 else absent
-        return [existence_qa(rng.choice(pool), scene)]
-    return [attribute_qa(rng, scene)]
+def existence_questions(rng: random.Random, scene: Scene, n: int, absent_pool=KINDS) -> list[tuple[str, str]]:
+    """n existence questions in POPE's form, each independently "Yes" or "No" with probability 1/2: the kind
+    drawn uniformly from those present, or from the absent ones in `absent_pool` (a kind may be asked twice)."""
+    present = [o.kind for o in scene.objects]
+    absent = [k for k in absent_pool if k not in scene.kinds]
+    return [existence_qa(rng.choice(present if rng.random() < 0.5 else absent), scene) for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------- vocabulary (CHAIR)
