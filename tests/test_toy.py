@@ -175,6 +175,7 @@ def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint
     (["--vit-steps", "0", "--text-steps", "0", "--align-steps", "0", "--steps", "0"], "nothing to train"),
     (["--init", "no/such/dir"], "not a minidamro checkpoint"),
     (["--lr", "2"], "--lr in (0, 1)"),
+    (["--mix", "0.5", "0.6", "0"], "--mix takes three shares"),
 ])
 def test_train_command_refuses_impossible_options_in_one_line(tmp_path, capsys, argv, says):
     from minidamro.toy.__main__ import main as toy_main

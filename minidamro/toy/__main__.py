@@ -58,6 +58,8 @@ def cmd_train(a):
     if min(a.batch, a.threads) < 1 or min(a.vit_steps, a.text_steps, a.align_steps, a.steps, a.questions - 1) < 0 \
             or not 0 < a.lr < 1:
         raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr in (0, 1)")
+    if len(a.mix) != 3 or min(a.mix) < 0 or abs(sum(a.mix) - 1) > 1e-6:
+        raise MinidamroError("--mix takes three shares >= 0 that sum to 1 (existence questions, captions, attributes)")
     if not a.vit_steps + a.text_steps + a.align_steps + a.steps:
         raise MinidamroError("every stage has 0 steps: nothing to train")
     if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
@@ -66,7 +68,7 @@ def cmd_train(a):
         raise MinidamroError(f"{a.out} exists; pass --force to replace it")
     tc = T.TrainConfig(batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, precision=a.precision,
                        vit_steps=a.vit_steps, text_steps=a.text_steps, questions=a.questions,
-                       align_steps=a.align_steps, steps=a.steps, init=a.init or "")
+                       align_steps=a.align_steps, steps=a.steps, mix=tuple(a.mix), init=a.init or "")
     with tempfile.TemporaryDirectory() as work:
         start = time.time()
         def save_stage(stage, model, tok_file):  # a checkpoint to resume from with --init
@@ -143,6 +145,8 @@ def main(argv=None):
     t.add_argument("--questions", type=int, default=d.questions, help="stage 2: existence questions per caption")
     t.add_argument("--align-steps", type=int, default=d.align_steps, help="stage 3: the projector alone")
     t.add_argument("--steps", type=int, default=d.steps, help="stage 4: the projector and the LLM on images")
+    t.add_argument("--mix", type=float, nargs="+", default=list(d.mix), metavar="SHARE",
+                   help="stage 4: shares of existence questions, captions, attribute questions")
     t.add_argument("--batch", type=int, default=d.batch, help="scenes per step")
     t.add_argument("--lr", type=float, default=d.lr, help="each stage's peak learning rate")
     t.add_argument("--seed", type=int, default=d.seed)

@@ -15,8 +15,8 @@ follows the same order, each stage with its loss on the answer tokens only:
     2. text:  the LLM alone learns the world's language: a caption stands where the image will be, and it
               answers existence questions about it ("USER: A red star.\nIs there a star ...? ASSISTANT: Yes")
     3. align: the projector alone, ViT and LLM frozen, learns to put image tokens where the caption was
-    4. joint: the projector and the LLM together on image questions (JOINT_MIX: existence questions, and
-              in time captions and colour / count / position questions); the ViT stays frozen, as in LLaVA-1.5
+    4. joint: the projector and the LLM together on image questions (`mix`: existence questions, captions,
+              colour / count / position questions); the ViT stays frozen, as in LLaVA-1.5
 
 Why this order and not everything at once: answering "Is there a star?" from an image takes two hops (carry
 "star" to the answer position, then find it among the image tokens), and neither hop alone lowers a balanced
@@ -71,16 +71,15 @@ class TrainConfig:
     questions: int = 6        # stage 2: existence questions per caption
     align_steps: int = 400    # stage 3
     steps: int = 800          # stage 4
+    mix: tuple = (1.0, 0.0, 0.0)  # stage 4's shares of existence questions, captions, attribute questions
     init: str = ""            # start from this checkpoint (its weights and tokenizer) instead of from scratch
 
 
 # Stages 3 and 4's data, per scene: one existence question (in exactly the form generate and the lab ask it),
-# a caption, or one colour / count / position question, in these shares. A caption turn is never followed by
-# questions, since it would answer them. The scratch run that reached 94% on existence used existence
-# questions only; with captions and attribute questions mixed in from the start (0.8 / 0.1 / 0.1), stage 4
-# forgot the image (README, the toy section), so they stay out until a schedule that keeps existence is found.
-JOINT_MIX = {"existence": 1.0, "caption": 0.0, "attribute": 0.0}
-ALIGN_MIX = {"existence": 1.0}  # the frozen LLM knows only existence answers: align on those
+# a caption, or one colour / count / position question. A caption turn is never followed by questions, since
+# it would answer them. Stage 3 aligns on existence questions only, the one answer the frozen LLM knows.
+MIX_KINDS = ("existence", "caption", "attribute")
+ALIGN_MIX = {"existence": 1.0}
 
 
 def model_config(tc: TrainConfig, sp_size: int) -> LlavaConfig:
@@ -148,7 +147,7 @@ def encode_conversation(tok: Tokenizer, cfg: LlavaConfig, turns, context: str = 
 
 
 def image_turns(rng: random.Random, scene: world.Scene, mix: dict) -> list[tuple[str, str]]:
-    """One training conversation about an image, of the kind `mix` draws (shares of JOINT_MIX's keys)."""
+    """One training conversation about an image, of the kind `mix` draws (shares of MIX_KINDS)."""
     r = rng.random()
     if r < mix.get("existence", 0):
         return world.existence_questions(rng, scene, 1)
@@ -379,7 +378,7 @@ def train(tc: TrainConfig, workdir: str, log=sys.stderr, after_stage=None):
         elif stage == "align":
             params, make = projector, lambda: image_batch(tok, cfg, rng, tc.batch, ALIGN_MIX)
         else:
-            params, make = projector + llm, lambda: image_batch(tok, cfg, rng, tc.batch, JOINT_MIX)
+            params, make = projector + llm, lambda: image_batch(tok, cfg, rng, tc.batch, dict(zip(MIX_KINDS, tc.mix)))
         for _, p in params:
             p.requires_grad_(True)
         losses[stage] = optimise(stage, params, steps, lambda step: loss_fn(model, *make()), tc, log)
