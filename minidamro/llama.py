@@ -119,12 +119,8 @@ class LlamaAttention(nn.Module):
             elif T == 1:  # decode: SDPA or the eager formulation, whichever is faster on this machine
                 y = attention(qb, keys[None], values[None], cache.scratch)
             else:
-                # A prefill from position 0 is plainly causal: is_causal (as transformers' SDPA path passes it)
-                # lets the fused kernel skip the key blocks above the diagonal, about half the work; a prefill
-                # that continues a cache (the evaluation's questions after a shared prefix) needs the mask.
-                fresh = cache.length == 0
-                y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=None if fresh else masks[b],
-                                                   is_causal=fresh, enable_gqa=self.n_kv != self.n_heads)
+                y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=masks[b],
+                                                   is_causal=masks[b] is None, enable_gqa=self.n_kv != self.n_heads)
             out.append(y)
         y = (out[0] if B == 1 else torch.cat(out)).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.o_proj(y)
@@ -174,8 +170,11 @@ class LlamaModel(nn.Module):
         for cache in caches:  # built once per forward, shared by every layer
             if cache.length + T > cache.max_len:
                 raise ValueError(f"the KV cache holds {cache.max_len} positions; {cache.length + T} needed")
-            # Causal mask over (T new queries, length + T keys); a single new token sees everything.
-            if T == 1:
+            # Causal mask over (T new queries, length + T keys). None where attention needs none: a single new
+            # token sees everything, and a prefill from position 0 is plainly causal (SDPA's is_causal, as
+            # transformers' SDPA path passes it, lets the fused kernel skip the blocks above the diagonal).
+            # Captured attention (eager) and a prefill that continues a cache need the explicit mask.
+            if T == 1 or (cache.length == 0 and capture is None):
                 masks.append(None)
             else:
                 pos, keys = torch.arange(cache.length, cache.length + T), torch.arange(cache.length + T)
