@@ -84,7 +84,11 @@ def test_training_data_of_each_stage():
     tok_file = train.train_tokenizer(os.path.join(tok_dir, "tok"), 0)
     cfg = train.model_config(train.TrainConfig(vit=(1, 32, 2), llm=(1, 32, 2)), 512)
     tok = Tokenizer(tok_file, cfg.special_tokens)
-    assert [q.startswith("Is there") for q, _ in train.text_turns(random.Random(1), STAR, 2)] == [True, True]
+    _, ids, targets = train.text_batch(tok, cfg, random.Random(1), 3, 2)
+    for row, tgt in zip(ids.tolist(), targets.tolist()):
+        text = tok.decode([i for i in row if i != cfg.special_tokens["<pad>"]])
+        assert text.startswith("USER: A ") and text.count("Is there") == 2 and "<image>" not in text
+        assert sum(t == tok.eos_id for t in tgt) == 2  # two answers, each ending in </s>
     ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")],
                                              context=world.caption(STAR))
     assert tok.decode(ids) == "USER: A large red star.\nIs there a star in the image? ASSISTANT: Yes"
@@ -194,6 +198,11 @@ def test_train_command_does_not_overwrite_without_force(tmp_path, capsys):
         toy_main(["train", "--out", str(tmp_path / "out"), "--steps", "1"])
     assert e.value.code != 0 and "--force" in capsys.readouterr().err
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+    (tmp_path / "out").rename(tmp_path / "out-after-text")  # --save-stages would replace this one
+    with pytest.raises(SystemExit) as e:
+        toy_main(["train", "--out", str(tmp_path / "out"), "--steps", "1", "--save-stages"])
+    assert e.value.code != 0 and "out-after-text exists" in capsys.readouterr().err
+    assert (tmp_path / "out-after-text" / "mine.txt").read_text() == "keep" and not (tmp_path / "out").exists()
 
 
 # --- the shipped model ----------------------------------------------------------------------------------------

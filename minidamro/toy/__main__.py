@@ -55,20 +55,21 @@ def plot_losses(losses: dict, path: str, title: str):
 def cmd_train(a):
     from . import train as T
     import torch
-    if min(a.batch, a.threads) < 1 or min(a.vit_steps, a.text_steps, a.align_steps, a.steps, a.questions - 1) < 0 \
-            or not 0 < a.lr < 1:
-        raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr in (0, 1)")
-    if len(a.mix) != 3 or min(a.mix) < 0 or abs(sum(a.mix) - 1) > 1e-6:
-        raise MinidamroError("--mix takes three shares >= 0 that sum to 1 (existence questions, captions, attributes)")
-    if not a.vit_steps + a.text_steps + a.align_steps + a.steps:
-        raise MinidamroError("every stage has 0 steps: nothing to train")
-    if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
-        raise MinidamroError(f"--init {a.init} is not a minidamro checkpoint")
-    if os.path.exists(a.out) and not a.force:
-        raise MinidamroError(f"{a.out} exists; pass --force to replace it")
     tc = T.TrainConfig(batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, precision=a.precision,
                        vit_steps=a.vit_steps, text_steps=a.text_steps, questions=a.questions,
                        align_steps=a.align_steps, steps=a.steps, mix=tuple(a.mix), init=a.init or "")
+    if min(a.batch, a.threads, a.questions) < 1 or min(tc.stage_steps().values()) < 0 or not 0 < a.lr < 1:
+        raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr in (0, 1)")
+    if min(a.mix) < 0 or abs(sum(a.mix) - 1) > 1e-6:
+        raise MinidamroError("--mix takes three shares >= 0 that sum to 1 (existence questions, captions, attributes)")
+    if not sum(tc.stage_steps().values()):
+        raise MinidamroError("every stage has 0 steps: nothing to train")
+    if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
+        raise MinidamroError(f"--init {a.init} is not a minidamro checkpoint")
+    outs = [a.out] + [f"{a.out}-after-{stage}" for stage in T.STAGES if a.save_stages]
+    for out in outs:
+        if os.path.exists(out) and not a.force:
+            raise MinidamroError(f"{out} exists; pass --force to replace it")
     with tempfile.TemporaryDirectory() as work:
         start = time.time()
         def save_stage(stage, model, tok_file):  # a checkpoint to resume from with --init
@@ -145,7 +146,7 @@ def main(argv=None):
     t.add_argument("--questions", type=int, default=d.questions, help="stage 2: existence questions per caption")
     t.add_argument("--align-steps", type=int, default=d.align_steps, help="stage 3: the projector alone")
     t.add_argument("--steps", type=int, default=d.steps, help="stage 4: the projector and the LLM on images")
-    t.add_argument("--mix", type=float, nargs="+", default=list(d.mix), metavar="SHARE",
+    t.add_argument("--mix", type=float, nargs=3, default=list(d.mix), metavar=("EXIST", "CAPTION", "ATTR"),
                    help="stage 4: shares of existence questions, captions, attribute questions")
     t.add_argument("--batch", type=int, default=d.batch, help="scenes per step")
     t.add_argument("--lr", type=float, default=d.lr, help="each stage's peak learning rate")

@@ -4,7 +4,7 @@ How LLaVA is put together, in the order the data flows (see minidamro/llava.py f
 
     image (112 px) -> CLIPVisionTower (ViT, patch 14: [CLS] + 64 patch tokens, read at layer -2)
                    -> drop [CLS] -> projector (2-layer MLP) -> 64 "image tokens" in the LLM's width
-    text  "USER: <image>\nIs there a star in the image? ASSISTANT: Yes</s>USER: ..." -> sentencepiece ids
+    text  "USER: <image>\\nIs there a star in the image? ASSISTANT: Yes</s>USER: ..." -> sentencepiece ids
                    -> the 64 <image> ids are replaced by the 64 image tokens -> LlamaModel -> lm_head
 
 LLaVA is built from parts trained apart: a CLIP ViT, a language model (Vicuna), then a projector aligned
@@ -13,7 +13,7 @@ follows the same order, each stage with its loss on the answer tokens only:
 
     1. vit:   the ViT alone learns to see the world's objects (a stand-in for CLIP's pre-training)
     2. text:  the LLM alone learns the world's language: a caption stands where the image will be, and it
-              answers existence questions about it ("USER: A red star.\nIs there a star ...? ASSISTANT: Yes")
+              answers existence questions about it ("USER: A red star.\\nIs there a star ...? ASSISTANT: Yes")
     3. align: the projector alone, ViT and LLM frozen, learns to put image tokens where the caption was
     4. joint: the projector and the LLM together on image questions (`mix`: existence questions, captions,
               colour / count / position questions); the ViT stays frozen, as in LLaVA-1.5
@@ -73,6 +73,9 @@ class TrainConfig:
     steps: int = 800          # stage 4
     mix: tuple = (1.0, 0.0, 0.0)  # stage 4's shares of existence questions, captions, attribute questions
     init: str = ""            # start from this checkpoint (its weights and tokenizer) instead of from scratch
+
+    def stage_steps(self) -> dict:
+        return dict(zip(STAGES, (self.vit_steps, self.text_steps, self.align_steps, self.steps)))
 
 
 # Stages 3 and 4's data, per scene: one existence question (in exactly the form generate and the lab ask it),
@@ -165,19 +168,15 @@ def pad_rows(cfg, rows):
     return ids, targets
 
 
-def text_turns(rng: random.Random, scene: world.Scene, questions: int) -> list[tuple[str, str]]:
-    """Stage 2's conversation about a caption (which stands where the image will): `questions` existence
-    questions. Only those: with the caption also asked for and a colour or count question added, a run of
-    1500 steps stayed at 50% on the existence questions (README, the toy section)."""
-    return world.existence_questions(rng, scene, questions)
-
-
 def text_batch(tok, cfg, rng: random.Random, n: int, questions: int):
-    """Stage 2: n scenes as text only -> None (no pixels), ids (n, T), targets (n, T)."""
+    """Stage 2: n scenes as text only -> None (no pixels), ids (n, T), targets (n, T). Each is the caption,
+    then `questions` existence questions about it. Only those: with the caption also asked for and a colour or
+    count question added, a run of 1500 steps stayed at 50% on the existence questions (README, toy section)."""
     rows = []
     for _ in range(n):
         scene = world.sample_scene(rng)
-        rows.append(encode_conversation(tok, cfg, text_turns(rng, scene, questions), context=world.caption(scene)))
+        rows.append(encode_conversation(tok, cfg, world.existence_questions(rng, scene, questions),
+                                        context=world.caption(scene)))
     return (None, *pad_rows(cfg, rows))
 
 
@@ -244,17 +243,17 @@ def existence_accuracy(model, tok, seed: int = 555, n_scenes: int = 60, caption:
     scenes = splits.lab_scenes(seed, n_scenes)
     qs = splits.pope_questions("random", scenes, seed, [str(i) for i in range(n_scenes)])[:200]
     cfg = model.cfg
-    rows = [encode_conversation(tok, cfg, [(q["text"], "x")], context=world.caption(scenes[int(q["image"])])
-                                if caption else "<image>") for q in qs]
-    asked = [len(r[0]) - len(tok.sp_no_prefix.encode(" x")) - 2 for r in rows]  # position of "ASSISTANT:"'s end
-    ids, _ = pad_rows(cfg, rows)
+    rows = [encode_conversation(tok, cfg, [(q["text"], "Yes" if q["label"] == "yes" else "No")],
+                                context=world.caption(scenes[int(q["image"])]) if caption else "<image>")
+            for q in qs]
+    ids, targets = pad_rows(cfg, rows)
     pixels = None if caption else torch.cat([preprocess(world.render(scenes[int(q["image"])]), cfg.preprocessor)
                                              for q in qs])
     with torch.no_grad():
         logits = forward(model, pixels, ids)
-    yes = tok.sp_no_prefix.encode(" Yes")[0]
-    said_yes = [int(logits[i, p].argmax()) == yes for i, p in enumerate(asked)]
-    return sum(s == (q["label"] == "yes") for s, q in zip(said_yes, qs)) / len(qs)
+    first = (targets != -100).int().argmax(1)  # the position that predicts the answer's first token
+    n = torch.arange(len(qs))
+    return int((logits[n, first].argmax(-1) == targets[n, first]).sum()) / len(qs)
 
 
 # ---------------------------------------------------------------------------------------- the stages
@@ -358,33 +357,30 @@ def train(tc: TrainConfig, workdir: str, log=sys.stderr, after_stage=None):
     llm = list(model.language_model.named_parameters()) + list(model.lm_head.named_parameters())
     projector = list(model.multi_modal_projector.named_parameters())
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; stages (steps x {tc.batch} "
-          f"scenes): vit {tc.vit_steps}, text {tc.text_steps}, align {tc.align_steps}, joint {tc.steps}",
-          file=log, flush=True)
+          f"scenes): " + ", ".join(f"{stage} {n}" for stage, n in tc.stage_steps().items()), file=log, flush=True)
     model.train()
     losses = {}
-    for stage in STAGES:
-        steps = {"vit": tc.vit_steps, "text": tc.text_steps, "align": tc.align_steps, "joint": tc.steps}[stage]
+    for stage, steps in tc.stage_steps().items():
         if not steps:
             continue
         model.requires_grad_(False)  # each stage trains only its own parts
         if stage == "vit":
             model.vision_tower.requires_grad_(True)
             losses[stage] = pretrain_vit(model, tc, rng, log)
-            if after_stage:
-                after_stage(stage, model, tok_file)
-            continue
-        if stage == "text":
-            params, make = llm, lambda: text_batch(tok, cfg, rng, tc.batch, tc.questions)
-        elif stage == "align":
-            params, make = projector, lambda: image_batch(tok, cfg, rng, tc.batch, ALIGN_MIX)
         else:
-            params, make = projector + llm, lambda: image_batch(tok, cfg, rng, tc.batch, dict(zip(MIX_KINDS, tc.mix)))
-        for _, p in params:
-            p.requires_grad_(True)
-        losses[stage] = optimise(stage, params, steps, lambda step: loss_fn(model, *make()), tc, log)
-        accuracy = existence_accuracy(model, tok, caption=stage == "text")
-        print(f"{stage:5s} done: existence accuracy {accuracy:.3f} on 200 held-out questions"
-              f"{' (caption in place of the image)' if stage == 'text' else ''}", file=log, flush=True)
+            if stage == "text":
+                params, make = llm, lambda: text_batch(tok, cfg, rng, tc.batch, tc.questions)
+            elif stage == "align":
+                params, make = projector, lambda: image_batch(tok, cfg, rng, tc.batch, ALIGN_MIX)
+            else:
+                mix = dict(zip(MIX_KINDS, tc.mix))
+                params, make = projector + llm, lambda: image_batch(tok, cfg, rng, tc.batch, mix)
+            for _, p in params:
+                p.requires_grad_(True)
+            losses[stage] = optimise(stage, params, steps, lambda step: loss_fn(model, *make()), tc, log)
+            accuracy = existence_accuracy(model, tok, caption=stage == "text")
+            print(f"{stage:5s} done: existence accuracy {accuracy:.3f} on 200 held-out questions"
+                  f"{' (caption in place of the image)' if stage == 'text' else ''}", file=log, flush=True)
         if after_stage:
             after_stage(stage, model, tok_file)
     return model.eval().requires_grad_(False), tok, tok_file, losses
