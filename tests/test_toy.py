@@ -79,23 +79,39 @@ def test_existence_questions_are_balanced_and_true():
 
 
 def test_training_data_of_each_stage():
-    """Stage 2 puts the caption where the image will be, and asks about it; stages 3-4 ask about the image."""
+    """Stage 2 writes the scene's words where the image will be, and asks about them; stages 3-4 ask about the
+    image."""
     tok_dir = tempfile.mkdtemp()
     tok_file = train.train_tokenizer(os.path.join(tok_dir, "tok"), 0)
     cfg = train.model_config(train.TrainConfig(vit=(1, 32, 2), llm=(1, 32, 2)), 512)
     tok = Tokenizer(tok_file, cfg.special_tokens)
-    _, ids, targets = train.text_batch(tok, cfg, random.Random(1), 3, 2)
-    for row, tgt in zip(ids.tolist(), targets.tolist()):
-        text = tok.decode([i for i in row if i != cfg.special_tokens["<pad>"]])
-        assert text.startswith("USER: A ") and text.count("Is there") == 2 and "<image>" not in text
-        assert sum(t == tok.eos_id for t in tgt) == 2  # two answers, each ending in </s>
-    ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")],
-                                             context=world.caption(STAR))
-    assert tok.decode(ids) == "USER: A large red star.\nIs there a star in the image? ASSISTANT: Yes"
+    image, star = cfg.image_token_index, tok.sp_no_prefix.encode(" star")
+    # The large star (40 px at 40, 40) lies in patch rows and columns 2-5 (28-84 px), its centre (60, 62) in
+    # patch (4, 4): the patches it covers by >= 15% say " star", the rest <image>.
+    words = train.scene_words(tok, cfg, STAR)
+    assert len(star) == 1 and len(words) == cfg.num_image_tokens == 64
+    covered = {n for n, w in enumerate(words) if w == star[0]}
+    assert set(words) == {image, star[0]} and covered <= {8 * r + c for r in range(2, 6) for c in range(2, 6)}
+    assert 8 * 4 + 4 in covered and len(covered) >= 4
+    ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")], slots=words)
+    plain, _ = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")])
+    at = plain.index(image)
+    assert plain[at:at + 64] == [image] * 64 and ids[at:at + 64] == words and ids[:at] + ids[at + 64:] == [
+        i for i in plain if i != image]
+    assert tok.decode(plain[:at]) == "USER: " and tok.decode(plain[at + 64:]).startswith(
+        "\nIs there a star in the image? ASSISTANT: Yes")
     answer = [t for t in targets if t != -100]
-    assert tok.decode(answer[:-1]) == "Yes" and answer[-1] == tok.eos_id
-    ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "No")])
-    assert ids.count(cfg.image_token_index) == cfg.num_image_tokens
+    assert tok.decode(answer[:-1]) == "Yes" and answer[-1] == tok.eos_id and targets[:at + 64] == [-100] * (at + 64)
+    ids, targets, asked, present = train.text_batch(tok, cfg, random.Random(1), 3, 2)
+    assert asked.shape == (6,) and present.shape == (6, len(world.KINDS))
+    for n, (row, tgt) in enumerate(zip(ids.tolist(), targets.tolist())):
+        assert row[at:at + 64] != [image] * 64 and image in row  # words, and background left as <image>
+        questions = tok.decode(row[at + 64:]).split("Is there")[1:]
+        assert len(questions) == 2 and sum(t == tok.eos_id for t in tgt) == 2  # two answers, each ending in </s>
+        words = {world.KINDS[k] for k in range(len(world.KINDS)) if int(present[2 * n, k])}
+        assert words == {tok.decode([w]).strip() for w in row[at:at + 64] if w != image}
+        for q, k in zip(questions, asked[2 * n:2 * n + 2].tolist()):  # the probes' asked kind is the question's
+            assert q.split()[1] == world.KINDS[k] and (("Yes" in q) == (world.KINDS[k] in words))
     counts = {"existence": 0, "caption": 0, "attribute": 0}
     rng = random.Random(2)
     mix = {"existence": 0.6, "caption": 0.25, "attribute": 0.15}
@@ -107,6 +123,36 @@ def test_training_data_of_each_stage():
         counts[kind] += 1
     for kind, share in mix.items():  # 1000 draws: within 5 standard deviations
         assert abs(counts[kind] - 1000 * share) <= 5 * (1000 * share * (1 - share)) ** 0.5, counts
+
+
+def test_every_object_covers_a_patch():
+    """Stage 2 can only answer "Yes" from the words if each object leaves its word in some patch slot."""
+    rng = random.Random(4)
+    for _ in range(500):
+        s = world.sample_scene(rng, probe=rng.random() < 0.3)
+        labels = set(train.patch_labels(s, 8, 14).tolist())
+        assert {world.KINDS.index(k) + 1 for k in s.kinds} <= labels
+
+
+def test_each_conversation_weighs_the_same_in_the_loss():
+    """A caption's many answer tokens weigh as much as one "Yes</s>": the batch loss is the mean of the
+    conversations' own mean losses, whatever their lengths."""
+    cfg = train.model_config(train.TrainConfig(vit=(1, 32, 2), llm=(1, 48, 2)), 500)
+    model = train.Llava(cfg)
+    train.init_weights(model, 0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (2, 12), generator=g)
+    targets = torch.full((2, 12), -100)
+    targets[0, 3:11] = torch.randint(0, 500, (8,), generator=g)  # a long answer
+    targets[1, 5] = 7                                            # a one-token answer
+    with torch.no_grad():
+        batch = train.loss_fn(model, None, ids, targets)
+        each = [train.loss_fn(model, None, ids[i:i + 1], targets[i:i + 1]) for i in range(2)]
+        tokens = torch.nn.functional.cross_entropy(train.forward(model, None, ids).flatten(0, 1), targets.flatten())
+    # Same rows, batched or alone: the logits agree to float32 rounding (width-48 dot products, ~48 ulps of
+    # values < 1), so the losses (~ln 500 = 6.2, ulp 4.8e-7) agree to a few ulps; 1e-5 is twenty.
+    assert abs(float(batch) - float(sum(each)) / 2) <= 1e-5
+    assert abs(float(tokens) - float(batch)) > 1e-3  # the per-token mean weighs the long answer 8:1
 
 
 # --- splits and metrics ---------------------------------------------------------------------------------------
@@ -165,7 +211,7 @@ def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint
     pixels = preprocess(world.render(scene), loaded.cfg.preprocessor)
     ids, _ = encode_prompt(loaded, tok, "Is there a star in the image?", None, 1)
     with torch.no_grad():
-        a = train.forward(model, pixels, ids[None])[0, -1]
+        a = train.forward(model, model.encode_image(pixels), ids[None])[0, -1]
         b = generation.prefill(loaded, loaded.embed(ids, loaded.encode_image(pixels)[0]),
                                generation.new_cache(loaded, len(ids)))
     # Same weights and operations; SDPA's causal path and the masked one may sum in another order: each of the
@@ -178,7 +224,8 @@ def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint
     (["--steps", "-1"], "steps >= 0"),
     (["--vit-steps", "0", "--text-steps", "0", "--align-steps", "0", "--steps", "0"], "nothing to train"),
     (["--init", "no/such/dir"], "not a minidamro checkpoint"),
-    (["--lr", "2"], "--lr in (0, 1)"),
+    (["--lr", "2"], "--lr and --joint-lr in (0, 1)"),
+    (["--joint-lr", "0"], "--lr and --joint-lr in (0, 1)"),
     (["--mix", "0.5", "0.6", "0"], "--mix takes three shares"),
 ])
 def test_train_command_refuses_impossible_options_in_one_line(tmp_path, capsys, argv, says):

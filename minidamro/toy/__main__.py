@@ -55,11 +55,13 @@ def plot_losses(losses: dict, path: str, title: str):
 def cmd_train(a):
     from . import train as T
     import torch
-    tc = T.TrainConfig(batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, precision=a.precision,
+    tc = T.TrainConfig(batch=a.batch, lr=a.lr, joint_lr=a.joint_lr, seed=a.seed, threads=a.threads, precision=a.precision,
                        vit_steps=a.vit_steps, text_steps=a.text_steps, questions=a.questions,
                        align_steps=a.align_steps, steps=a.steps, mix=tuple(a.mix), init=a.init or "")
-    if min(a.batch, a.threads, a.questions) < 1 or min(tc.stage_steps().values()) < 0 or not 0 < a.lr < 1:
-        raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr in (0, 1)")
+    if min(a.batch, a.threads, a.questions) < 1 or min(tc.stage_steps().values()) < 0 or not (
+            0 < a.lr < 1 and 0 < a.joint_lr < 1):
+        raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr and --joint-lr "
+                             "in (0, 1)")
     if min(a.mix) < 0 or abs(sum(a.mix) - 1) > 1e-6:
         raise MinidamroError("--mix takes three shares >= 0 that sum to 1 (existence questions, captions, attributes)")
     if not sum(tc.stage_steps().values()):
@@ -81,8 +83,8 @@ def cmd_train(a):
     with open(os.path.join(a.out, "losses.json"), "w") as f:
         json.dump({k: [round(v, 5) for v in vs] for k, vs in losses.items()}, f)
     plot_losses(losses, os.path.join(a.out, "loss.png"),
-                f"toy LLaVA training loss (answer tokens; stage 1: the ViT's own heads), batch {tc.batch}, "
-                f"{minutes:.1f} min")
+                f"toy LLaVA training loss by stage (text: answers + probes; align: answers + regression), "
+                f"batch {tc.batch}, {minutes:.1f} min")
     print(f"wrote {a.out} ({minutes:.1f} min)", file=sys.stderr)
 
 
@@ -142,14 +144,15 @@ def main(argv=None):
     from .train import TrainConfig
     d = TrainConfig()
     t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1: the ViT alone (0 skips a stage)")
-    t.add_argument("--text-steps", type=int, default=d.text_steps, help="stage 2: the LLM alone, on captions as text")
-    t.add_argument("--questions", type=int, default=d.questions, help="stage 2: existence questions per caption")
+    t.add_argument("--text-steps", type=int, default=d.text_steps, help="stage 2: the LLM alone, on the scenes written as words")
+    t.add_argument("--questions", type=int, default=d.questions, help="stage 2: existence questions per scene")
     t.add_argument("--align-steps", type=int, default=d.align_steps, help="stage 3: the projector alone")
     t.add_argument("--steps", type=int, default=d.steps, help="stage 4: the projector and the LLM on images")
     t.add_argument("--mix", type=float, nargs=3, default=list(d.mix), metavar=("EXIST", "CAPTION", "ATTR"),
                    help="stage 4: shares of existence questions, captions, attribute questions")
     t.add_argument("--batch", type=int, default=d.batch, help="scenes per step")
-    t.add_argument("--lr", type=float, default=d.lr, help="each stage's peak learning rate")
+    t.add_argument("--lr", type=float, default=d.lr, help="stages 1-3's peak learning rate")
+    t.add_argument("--joint-lr", type=float, default=d.joint_lr, help="stage 4's peak learning rate")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=d.threads)
     t.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
