@@ -79,8 +79,8 @@ def test_existence_questions_are_balanced_and_true():
 
 
 def test_training_data_of_each_stage():
-    """Stage 2 writes the scene's words where the image will be, and asks about them; stages 3-4 ask about the
-    image."""
+    """Stage 2 writes the scene's words where the image will be, and asks about them, its probes reading at each
+    answer's start; stages 3-4 ask about the image."""
     tok_dir = tempfile.mkdtemp()
     tok_file = train.train_tokenizer(os.path.join(tok_dir, "tok"), 0)
     cfg = train.model_config(train.TrainConfig(vit=(1, 32, 2), llm=(1, 32, 2)), 512)
@@ -112,6 +112,12 @@ def test_training_data_of_each_stage():
         assert words == {tok.decode([w]).strip() for w in row[at:at + 64] if w != image}
         for q, k in zip(questions, asked[2 * n:2 * n + 2].tolist()):  # the probes' asked kind is the question's
             assert q.split()[1] == world.KINDS[k] and (("Yes" in q) == (world.KINDS[k] in words))
+    starts = train.answer_starts(targets)  # where the probes read: one position per question, in order
+    assert int(starts.sum()) == len(asked) and {tok.decode([int(i)]) for i in ids[starts]} == {":"}
+    assert set(targets[starts].tolist()) <= set(tok.sp_no_prefix.encode(" Yes") + tok.sp_no_prefix.encode(" No"))
+    pixels, ids, targets, scenes = train.image_batch(tok, cfg, random.Random(3), 2, train.ALIGN_MIX)
+    assert pixels.shape == (2, 3, 112, 112) and len(scenes) == 2
+    assert (ids == image).sum(1).tolist() == [64, 64] and int(train.answer_starts(targets).sum()) == 2
     counts = {"existence": 0, "caption": 0, "attribute": 0}
     rng = random.Random(2)
     mix = {"existence": 0.6, "caption": 0.25, "attribute": 0.15}

@@ -9,7 +9,8 @@ How LLaVA is put together, in the order the data flows (see minidamro/llava.py f
 
 LLaVA is built from parts trained apart: a CLIP ViT, a language model (Vicuna), then a projector aligned
 between them with both frozen, then the projector and the LLM fine-tuned together on instructions. The toy
-follows the same order, each stage with its loss on the answer tokens (averaged per conversation):
+follows the same order; stages 2-4 learn from the answer tokens (averaged per conversation), stage 2 with two
+probes added and stage 3 with a regression added:
 
     1. vit:   the ViT alone learns to see the world's objects (a stand-in for CLIP's pre-training)
     2. text:  the LLM alone learns the world's language and to look things up: the scene, written as words in
@@ -168,7 +169,10 @@ def scene_words(tok: Tokenizer, cfg: LlavaConfig, scene: world.Scene) -> list[in
     patch in the ViT's order, the kind's word (" star", one piece) where an object covers the patch and <image>
     elsewhere. What the LLM learns to look up here sits where the image tokens will put it, so stage 3 only has
     to make each patch's token look like its word."""
-    words = [cfg.image_token_index] + [tok.sp_no_prefix.encode(" " + kind)[0] for kind in world.KINDS]
+    words = [tok.sp_no_prefix.encode(" " + kind) for kind in world.KINDS]
+    if any(len(w) != 1 for w in words):
+        raise ValueError("the tokenizer splits a kind's word: stage 2 needs one piece per kind")
+    words = [cfg.image_token_index] + [w[0] for w in words]
     grid = cfg.vision.image_size // cfg.vision.patch_size
     return [words[label] for label in patch_labels(scene, grid, cfg.vision.patch_size).tolist()]
 
@@ -285,10 +289,10 @@ def existence_accuracy(model, tok, seed: int = 555, n_scenes: int = 60, words: b
                                 slots=scene_words(tok, cfg, scenes[int(q["image"])]) if words else None)
             for q in qs]
     ids, targets = pad_rows(cfg, rows)
-    pixels = None if words else torch.cat([preprocess(world.render(scenes[int(q["image"])]), cfg.preprocessor)
-                                             for q in qs])
     with torch.no_grad():
-        logits = forward(model, None if pixels is None else model.encode_image(pixels), ids)
+        image = None if words else model.encode_image(torch.cat(
+            [preprocess(world.render(scenes[int(q["image"])]), cfg.preprocessor) for q in qs]))
+        logits = forward(model, image, ids)
     first = (targets != -100).int().argmax(1)  # the position that predicts the answer's first token
     n = torch.arange(len(qs))
     return int((logits[n, first].argmax(-1) == targets[n, first]).sum()) / len(qs)
@@ -356,6 +360,12 @@ def pretrain_vit(model: Llava, tc: TrainConfig, rng: random.Random, log) -> list
     return optimise("vit", params, tc.vit_steps, loss_of, tc, log, tc.lr)
 
 
+def answer_starts(targets):
+    """(B, T) bool: the positions that predict each answer's first token (the ":" of "ASSISTANT:")."""
+    previous = F.pad(targets[:, :-1], (1, 0), value=-100)
+    return (targets != -100) & (previous == -100)
+
+
 def text_loss(model, probes, ids, targets, asked, present):
     """Stage 2's loss: the answers', plus two linear probes at each answer's position halfway up the LLM, one
     reading the asked kind there, one the kinds among the words.
@@ -366,12 +376,10 @@ def text_loss(model, probes, ids, targets, asked, present):
     to past 600 in the README's runs). Each probe's loss falls as soon as its hop starts to form, which gives
     both hops a signal from the first step; the answers then follow within ~150 steps. The probes are thrown
     away after the stage, like stage 1's heads."""
-    logits, hidden = forward(model, None, ids, probe_layer=len(model.language_model.layers) // 2)
-    previous = F.pad(targets[:, :-1], (1, 0), value=-100)
-    first = (targets != -100) & (previous == -100)  # the position that predicts each answer's first token
-    h = hidden[first].float()                       # (Q, D): questions in order, row by row, as asked / present
-    probe = (F.cross_entropy(probes["asked"](h), asked)
-             + F.binary_cross_entropy_with_logits(probes["present"](h), present))
+    logits, hidden = forward(model, None, ids, probe_layer=max(1, len(model.language_model.layers) // 2))
+    h = hidden[answer_starts(targets)]  # (Q, D): the questions in order, row by row, as asked / present are
+    probe = (F.cross_entropy(probes["asked"](h).float(), asked)
+             + F.binary_cross_entropy_with_logits(probes["present"](h).float(), present))
     return answer_loss(logits, targets) + PROBE_WEIGHT * probe
 
 
