@@ -273,8 +273,6 @@ def test_shipped_model_is_small_and_standard():
         assert json.load(f)["minidamro_format"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model does not reach issue 11's target: it answers every "
-                   "existence question the same way (50% measured); strict, so a model that passes fails this mark")
 def test_shipped_model_answers_existence_questions_of_a_fresh_seed(shipped):
     """200 questions of the random split on a seed no training used: >= 95% right (greedy first token)."""
     model, tok = shipped
