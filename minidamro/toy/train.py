@@ -293,9 +293,8 @@ def existence_accuracy(model, tok, seed: int = 555, n_scenes: int = 60, words: b
         image = None if words else model.encode_image(torch.cat(
             [preprocess(world.render(scenes[int(q["image"])]), cfg.preprocessor) for q in qs]))
         logits = forward(model, image, ids)
-    first = (targets != -100).int().argmax(1)  # the position that predicts the answer's first token
-    n = torch.arange(len(qs))
-    return int((logits[n, first].argmax(-1) == targets[n, first]).sum()) / len(qs)
+    first = answer_starts(targets)  # one answer per row: where its first token is predicted
+    return int((logits[first].argmax(-1) == targets[first]).sum()) / len(qs)
 
 
 # ---------------------------------------------------------------------------------------- the stages
