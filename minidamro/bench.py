@@ -326,7 +326,7 @@ def worker(args):
             # What this process measured and chose (formulation per linear shape and row count, packing, the
             # one-query attention form): the choices can differ between processes, and so can the figures.
             from . import fastlinear
-            res["chosen"] = {" ".join(map(str, key)): name for key, name in fastlinear._chosen.items()}
+            res["chosen"] = fastlinear.chosen()
     res["mem_end"] = memory()
     with open(args.worker_out, "w") as f:
         json.dump(res, f)

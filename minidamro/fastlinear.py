@@ -57,6 +57,13 @@ NAMES = (*FORMS, "packed")  # "packed": oneDNN on a prepacked copy of the weight
 _chosen: dict = {}        # (device, dtype, N, K, rows, bias) -> name: the process-wide cache of measurements
 
 
+def chosen() -> dict:
+    """What this process has measured and chosen so far, "device dtype N K rows bias" -> formulation (the
+    benchmark records it: choices, and so the last bits and the speed, can differ between processes); the
+    packing decisions appear as "packed dtype N K" -> True or False."""
+    return {" ".join(map(str, key)): name for key, name in _chosen.items()}
+
+
 def candidates(rows: int) -> list[str]:
     return [name for name in FORMS if rows == 1 or name not in ONE_ROW]
 

@@ -62,6 +62,9 @@ def test_auto_measures_once_per_shape_and_rows_and_picks_a_candidate(monkeypatch
     assert calls == [(1, False), (2, False)]
     assert fastlinear._chosen[("cpu", torch.float32, 64, 96, 1, False)] in fastlinear.candidates(1)
     assert fastlinear._chosen[("cpu", torch.float32, 64, 96, 2, False)] in ("linear", "matmul")
+    assert fastlinear.chosen() == {"cpu torch.float32 64 96 1 False": fastlinear._chosen[
+        ("cpu", torch.float32, 64, 96, 1, False)], "cpu torch.float32 64 96 2 False": fastlinear._chosen[
+        ("cpu", torch.float32, 64, 96, 2, False)]}  # what the benchmark records
 
 
 def test_an_unknown_formulation_is_an_error(monkeypatch, checkpoints):
