@@ -60,6 +60,8 @@ def test_planted_cooccurrence():
 
 def test_texts():
     assert world.caption(STAR) == "A large red star."
+    two = world.Scene((world.Obj("tree", "green", "small", 5, 5), world.Obj("circle", "blue", "medium", 60, 5)), 1)
+    assert world.caption(two) == "A medium blue circle and a small green tree."  # the catalogue's order
     assert world.existence_qa("star", STAR) == ("Is there a star in the image?", "Yes")
     assert world.existence_qa("arrow", STAR) == ("Is there an arrow in the image?", "No")
     assert STAR.get("star").position == "center"
@@ -79,43 +81,48 @@ def test_existence_questions_are_balanced_and_true():
 
 
 def test_training_data_of_each_stage():
-    """Stage 2 writes the scene's words where the image will be, and asks about them, its probes reading at each
-    answer's start; stages 3-4 ask about the image."""
+    """Stage 2 writes the scene's words (size, colour, kind) where the image will be, and asks about them, its
+    probes reading at each answer's start; stages 3-4 ask about the image."""
     tok_dir = tempfile.mkdtemp()
     tok_file = train.train_tokenizer(os.path.join(tok_dir, "tok"), 0)
     cfg = train.model_config(train.TrainConfig(vit=(1, 32, 2), llm=(1, 32, 2)), 512)
     tok = Tokenizer(tok_file, cfg.special_tokens)
-    image, star = cfg.image_token_index, tok.sp_no_prefix.encode(" star")
+    image = cfg.image_token_index
+    large_red_star = [tok.sp_no_prefix.encode(" " + w) for w in ("large", "red", "star")]
     # The large star (40 px at 40, 40) lies in patch rows and columns 2-5 (28-84 px), its centre (60, 62) in
-    # patch (4, 4): the patches it covers by >= 15% say " star", the rest <image>.
-    words = train.scene_words(tok, cfg, STAR)
-    assert len(star) == 1 and len(words) == cfg.num_image_tokens == 64
-    covered = {n for n, w in enumerate(words) if w == star[0]}
-    assert set(words) == {image, star[0]} and covered <= {8 * r + c for r in range(2, 6) for c in range(2, 6)}
-    assert 8 * 4 + 4 in covered and len(covered) >= 4
-    ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")], slots=words)
-    plain, _ = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")])
-    at = plain.index(image)
-    assert plain[at:at + 64] == [image] * 64 and ids[at:at + 64] == words and ids[:at] + ids[at + 64:] == [
-        i for i in plain if i != image]
-    assert tok.decode(plain[:at]) == "USER: " and tok.decode(plain[at + 64:]).startswith(
+    # patch (4, 4): the patches it covers by >= 15% hold " large", " red", " star", the rest <image>.
+    words = train.scene_words(tok, cfg, STAR).tolist()
+    assert all(len(w) == 1 for w in large_red_star) and len(words) == cfg.num_image_tokens == 64
+    covered = {n for n, w in enumerate(words) if w == [w[0] for w in large_red_star]}
+    assert covered <= {8 * r + c for r in range(2, 6) for c in range(2, 6)} and 8 * 4 + 4 in covered
+    assert len(covered) >= 4 and all(words[n] == [image] * 3 for n in range(64) if n not in covered)
+    model = train.Llava(cfg)
+    slots = train.scene_slots(model, torch.tensor([words]))  # a word patch: the sum of its three embeddings
+    e = model.language_model.embed_tokens.weight
+    assert torch.equal(slots[0, 0], e[image]) and torch.allclose(
+        slots[0, 8 * 4 + 4], e[large_red_star[0][0]] + e[large_red_star[1][0]] + e[large_red_star[2][0]])
+    ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")])
+    at = ids.index(image)
+    assert ids[at:at + 64] == [image] * 64 and image not in ids[at + 64:]
+    assert tok.decode(ids[:at]) == "USER: " and tok.decode(ids[at + 64:]).startswith(
         "\nIs there a star in the image? ASSISTANT: Yes")
     answer = [t for t in targets if t != -100]
     assert tok.decode(answer[:-1]) == "Yes" and answer[-1] == tok.eos_id and targets[:at + 64] == [-100] * (at + 64)
-    ids, targets, asked, present = train.text_batch(tok, cfg, random.Random(1), 3, 2)
-    assert asked.shape == (6,) and present.shape == (6, len(world.KINDS))
+    ids, targets, words, asked, present = train.text_batch(tok, cfg, random.Random(1), 3, 2, {"existence": 1.0})
+    assert words.shape == (3, 64, 3) and asked.shape == (6,) and present.shape == (6, len(world.KINDS))
     for n, (row, tgt) in enumerate(zip(ids.tolist(), targets.tolist())):
-        assert row[at:at + 64] != [image] * 64 and image in row  # words, and background left as <image>
         questions = tok.decode(row[at + 64:]).split("Is there")[1:]
         assert len(questions) == 2 and sum(t == tok.eos_id for t in tgt) == 2  # two answers, each ending in </s>
-        words = {world.KINDS[k] for k in range(len(world.KINDS)) if int(present[2 * n, k])}
-        assert words == {tok.decode([w]).strip() for w in row[at:at + 64] if w != image}
+        kinds = {world.KINDS[k] for k in range(len(world.KINDS)) if int(present[2 * n, k])}
+        assert kinds == {tok.decode([w]).strip() for w in words[n, :, 2].tolist() if w != image}
         for q, k in zip(questions, asked[2 * n:2 * n + 2].tolist()):  # the probes' asked kind is the question's
-            assert q.split()[1] == world.KINDS[k] and (("Yes" in q) == (world.KINDS[k] in words))
+            assert q.split()[1] == world.KINDS[k] and (("Yes" in q) == (world.KINDS[k] in kinds))
     starts = train.answer_starts(targets)  # where the probes read: one position per question, in order
     assert int(starts.sum()) == len(asked) and {tok.decode([int(i)]) for i in ids[starts]} == {":"}
     assert set(targets[starts].tolist()) <= set(tok.sp_no_prefix.encode(" Yes") + tok.sp_no_prefix.encode(" No"))
-    pixels, ids, targets, scenes = train.image_batch(tok, cfg, random.Random(3), 2, train.ALIGN_MIX)
+    _, targets, _, asked, _ = train.text_batch(tok, cfg, random.Random(1), 20, 2, {"caption": 0.5, "attribute": 0.5})
+    assert set(asked.tolist()) == {-100} and int(train.answer_starts(targets).sum()) == len(asked)
+    pixels, ids, targets, scenes = train.image_batch(tok, cfg, random.Random(3), 2, {"existence": 1.0})
     assert pixels.shape == (2, 3, 112, 112) and len(scenes) == 2
     assert (ids == image).sum(1).tolist() == [64, 64] and int(train.answer_starts(targets).sum()) == 2
     counts = {"existence": 0, "caption": 0, "attribute": 0}
@@ -233,6 +240,7 @@ def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint
     (["--lr", "2"], "--lr and --joint-lr in (0, 1)"),
     (["--joint-lr", "0"], "--lr and --joint-lr in (0, 1)"),
     (["--mix", "0.5", "0.6", "0"], "--mix takes three shares"),
+    (["--text-mix", "1", "0", "-0.5"], "--text-mix takes three shares"),
 ])
 def test_train_command_refuses_impossible_options_in_one_line(tmp_path, capsys, argv, says):
     from minidamro.toy.__main__ import main as toy_main

@@ -57,13 +57,16 @@ def cmd_train(a):
     import torch
     tc = T.TrainConfig(batch=a.batch, lr=a.lr, joint_lr=a.joint_lr, seed=a.seed, threads=a.threads, precision=a.precision,
                        vit_steps=a.vit_steps, text_steps=a.text_steps, questions=a.questions,
-                       align_steps=a.align_steps, steps=a.steps, mix=tuple(a.mix), init=a.init or "")
+                       align_steps=a.align_steps, steps=a.steps, mix=tuple(a.mix), text_mix=tuple(a.text_mix),
+                       init=a.init or "")
     if min(a.batch, a.threads, a.questions) < 1 or min(tc.stage_steps().values()) < 0 or not (
             0 < a.lr < 1 and 0 < a.joint_lr < 1):
         raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr and --joint-lr "
                              "in (0, 1)")
-    if min(a.mix) < 0 or abs(sum(a.mix) - 1) > 1e-6:
-        raise MinidamroError("--mix takes three shares >= 0 that sum to 1 (existence questions, captions, attributes)")
+    for flag, mix in (("--mix", a.mix), ("--text-mix", a.text_mix)):
+        if min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
+            raise MinidamroError(f"{flag} takes three shares >= 0 that sum to 1 (existence questions, captions, "
+                                 "attributes)")
     if not sum(tc.stage_steps().values()):
         raise MinidamroError("every stage has 0 steps: nothing to train")
     if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
@@ -145,7 +148,10 @@ def main(argv=None):
     d = TrainConfig()
     t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1: the ViT alone (0 skips a stage)")
     t.add_argument("--text-steps", type=int, default=d.text_steps, help="stage 2: the LLM alone, on the scenes written as words")
-    t.add_argument("--questions", type=int, default=d.questions, help="stage 2: existence questions per scene")
+    t.add_argument("--questions", type=int, default=d.questions,
+                   help="stage 2: questions per existence or attribute conversation")
+    t.add_argument("--text-mix", type=float, nargs=3, default=list(d.text_mix), metavar=("EXIST", "CAPTION", "ATTR"),
+                   help="stages 2 and 3: shares of existence questions, captions, attribute questions")
     t.add_argument("--align-steps", type=int, default=d.align_steps, help="stage 3: the projector alone")
     t.add_argument("--steps", type=int, default=d.steps, help="stage 4: the projector and the LLM on images")
     t.add_argument("--mix", type=float, nargs=3, default=list(d.mix), metavar=("EXIST", "CAPTION", "ATTR"),

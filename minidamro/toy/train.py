@@ -13,10 +13,11 @@ follows the same order; stages 2-4 learn from the answer tokens (averaged per co
 probes added and stage 3 with a regression added:
 
     1. vit:   the ViT alone learns to see the world's objects (a stand-in for CLIP's pre-training)
-    2. text:  the LLM alone learns the world's language and to look things up: the scene, written as words in
-              the image's 64 slots (the word of the kind covering each patch, <image> where only background),
-              then existence questions about it ("... star star <image> ...\\nIs there a star ...? ASSISTANT: Yes")
-    3. align: the projector alone, ViT and LLM frozen, learns to put image tokens where those words were
+    2. text:  the LLM alone learns the world's language and to read a scene: the scene written as words in the
+              image's 64 slots (each patch's slot the sum of the embeddings of " large", " red", " star", the
+              object covering it; <image> where only background), then existence questions, a caption, or
+              colour / count / position questions about it (`text_mix`)
+    3. align: the projector alone, ViT and LLM frozen, learns to put image tokens where those slots were
     4. joint: the projector and the LLM together on image questions (`mix`: existence questions, captions,
               colour / count / position questions) at a lower rate; the ViT stays frozen, as in LLaVA-1.5
 
@@ -24,8 +25,8 @@ Why this order and not everything at once: answering "Is there a star?" from an 
 "star" to the answer position, then find it among the image tokens), and neither hop alone lowers a balanced
 yes/no loss. Trained from random weights on images, the LLM stayed at chance for over a thousand steps. On text
 it learns the lookup (with two probes that give each hop its own signal: text_loss), and laid out like the image
-tokens, what it looks up is what the projector must then produce (align_loss). The README's toy section has
-the measurements behind each choice.
+tokens, what it reads (kinds, colours, sizes) is what the projector must then produce (align_loss). The
+README's toy section has the measurements behind each choice.
 
 Everything is seeded: the same seed and settings give the same weights on the same machine and torch build
 (float summation order, and so the weights, can differ elsewhere).
@@ -70,8 +71,9 @@ class TrainConfig:
     threads: int = 2
     precision: str = "bf16"   # matmuls under bfloat16 autocast (weights, AdamW float32), ~1.4x faster than "fp32"
     vit_steps: int = 3000     # stage 1 (0 skips a stage)
-    text_steps: int = 600     # stage 2
-    questions: int = 6        # stage 2: existence questions per scene
+    text_steps: int = 1000    # stage 2
+    questions: int = 6        # stage 2: questions per existence or attribute conversation
+    text_mix: tuple = (0.5, 0.4, 0.1)  # stages 2 and 3's shares of existence questions, captions, attributes
     align_steps: int = 400    # stage 3
     steps: int = 800          # stage 4
     joint_lr: float = 1e-3    # stage 4's peak rate: at 3e-3 the LLM's lookup collapsed to chance in 75 steps
@@ -87,7 +89,6 @@ class TrainConfig:
 # it would answer them. Stage 3 aligns on existence questions only, the one answer the frozen LLM knows.
 MIX_KINDS = ("existence", "caption", "attribute")
 PROBE_WEIGHT = 0.5  # stage 2: the probes' losses against the answers' (text_loss)
-ALIGN_MIX = {"existence": 1.0}
 
 
 def model_config(tc: TrainConfig, sp_size: int) -> LlavaConfig:
@@ -131,12 +132,10 @@ def train_tokenizer(prefix: str, seed: int) -> str:
 
 # --------------------------------------------------------------------------------------------- the data
 
-def encode_conversation(tok: Tokenizer, cfg: LlavaConfig, turns, slots: list[int] | None = None):
-    """ids (image expanded) and targets: the next token at answer positions, -100 elsewhere.
-
-    The first turn is exactly the prompt generate builds (TEMPLATE); later turns follow llava-hf's chat template,
-    "...</s>USER: {q} ASSISTANT: {a}</s>". `slots` (stage 2): ids to put in the image's place, one per image
-    token; None keeps the <image> ids, which the model replaces by the image tokens."""
+def encode_conversation(tok: Tokenizer, cfg: LlavaConfig, turns):
+    """ids (the <image> id expanded to one per image token) and targets: the next token at answer positions,
+    -100 elsewhere. The first turn is exactly the prompt generate builds (TEMPLATE); later turns follow
+    llava-hf's chat template, "...</s>USER: {q} ASSISTANT: {a}</s>"."""
     ids, tgt = [], []
     for n, (q, a) in enumerate(turns):
         user = tok.encode(TEMPLATE.format(prompt=q)) if n == 0 else tok.sp_no_prefix.encode(f"USER: {q} ASSISTANT:")
@@ -144,8 +143,8 @@ def encode_conversation(tok: Tokenizer, cfg: LlavaConfig, turns, slots: list[int
         ids += user + answer
         tgt += [-100] * len(user) + answer
     at = ids.index(cfg.image_token_index)  # <image> -> one id per image token (no loss on them)
-    slots = [cfg.image_token_index] * cfg.num_image_tokens if slots is None else slots
-    ids[at:at + 1], tgt[at:at + 1] = slots, [-100] * len(slots)
+    n = cfg.num_image_tokens
+    ids[at:at + 1], tgt[at:at + 1] = [cfg.image_token_index] * n, [-100] * n
     # Predict token t + 1 at position t: shift the targets left.
     return ids, tgt[1:] + [-100]
 
@@ -164,27 +163,38 @@ def patch_labels(scene: world.Scene, grid: int, patch: int) -> torch.Tensor:
     return torch.where(counts.amax(-1) >= 0.15 * patch * patch, best, 0).flatten()
 
 
-def scene_words(tok: Tokenizer, cfg: LlavaConfig, scene: world.Scene) -> list[int]:
-    """Stage 2's stand-in for the image: the scene written as words laid out like the image tokens, one per
-    patch in the ViT's order, the kind's word (" star", one piece) where an object covers the patch and <image>
-    elsewhere. What the LLM learns to look up here sits where the image tokens will put it, so stage 3 only has
-    to make each patch's token look like its word."""
-    words = [tok.sp_no_prefix.encode(" " + kind) for kind in world.KINDS]
-    if any(len(w) != 1 for w in words):
-        raise ValueError("the tokenizer splits a kind's word: stage 2 needs one piece per kind")
-    words = [cfg.image_token_index] + [w[0] for w in words]
+def scene_words(tok: Tokenizer, cfg: LlavaConfig, scene: world.Scene) -> torch.Tensor:
+    """(64, 3) ids: for each patch, in the ViT's order, the words of the object covering it (" large",
+    " red", " star": size, colour, kind; one sentencepiece piece each), or <image> three times on background.
+    scene_slots turns them into stage 2's stand-in for the image."""
+    pieces = {w: tok.sp_no_prefix.encode(" " + w) for w in (*world.SIZES, *world.COLOURS, *world.KINDS)}
+    if any(len(p) != 1 for p in pieces.values()):
+        raise ValueError("the tokenizer splits a size, colour or kind word: stage 2 needs one piece per word")
     grid = cfg.vision.image_size // cfg.vision.patch_size
-    return [words[label] for label in patch_labels(scene, grid, cfg.vision.patch_size).tolist()]
+    words = {0: [cfg.image_token_index] * 3} | {
+        world.KINDS.index(o.kind) + 1: [pieces[w][0] for w in (o.size, o.colour, o.kind)] for o in scene.objects}
+    return torch.tensor([words[label] for label in patch_labels(scene, grid, cfg.vision.patch_size).tolist()])
 
 
-def image_turns(rng: random.Random, scene: world.Scene, mix: dict) -> list[tuple[str, str]]:
-    """One training conversation about an image, of the kind `mix` draws (shares of MIX_KINDS)."""
+def scene_slots(model: Llava, words: torch.Tensor) -> torch.Tensor:
+    """(B, 64, 3) scene_words -> (B, 64, D): stage 2's stand-in for the image tokens. A patch's slot is the sum
+    of its three words' embeddings (size + colour + kind), a background patch's the embedding of <image>.
+    What the LLM learns to read here (which kinds, their colours and sizes, where) sits where the image tokens
+    will put it, so stage 3 only has to make each patch's image token look like its slot."""
+    e = model.language_model.embed_tokens(words)                                   # (B, 64, 3, D)
+    background = (words[..., :1] == model.cfg.image_token_index)                   # (B, 64, 1)
+    return torch.where(background, e[..., 0, :], e.sum(-2))
+
+
+def image_turns(rng: random.Random, scene: world.Scene, mix: dict, n: int = 1) -> list[tuple[str, str]]:
+    """One training conversation about an image, of the kind `mix` draws (shares of MIX_KINDS): n existence
+    questions, a caption, or n colour / count / position questions."""
     r = rng.random()
     if r < mix.get("existence", 0):
-        return world.existence_questions(rng, scene, 1)
+        return world.existence_questions(rng, scene, n)
     if r < mix.get("existence", 0) + mix.get("caption", 0):
         return [(rng.choice(world.CAPTION_PROMPTS), world.caption(scene))]
-    return [world.attribute_qa(rng, scene)]
+    return [world.attribute_qa(rng, scene) for _ in range(n)]
 
 
 def pad_rows(cfg, rows):
@@ -196,18 +206,21 @@ def pad_rows(cfg, rows):
     return ids, targets
 
 
-def text_batch(tok, cfg, rng: random.Random, n: int, questions: int):
-    """Stage 2: n scenes as text only -> ids (n, T), targets (n, T), and the probes' targets for each question in
-    order: the asked kind (Q,) and the kinds present (Q, kinds). Each row is the scene's words in the image's
-    place, then `questions` existence questions about them."""
-    rows, asked, present = [], [], []
+def text_batch(tok, cfg, rng: random.Random, n: int, questions: int, mix: dict):
+    """Stage 2: n scenes as text only -> ids (n, T) and targets (n, T) of conversations drawn as image_turns
+    draws them (`questions` per existence or attribute conversation), the scenes' words (n, 64, 3) for
+    scene_slots, and the probes' targets for each answer in order: the asked kind (-100 where the answer is
+    not to an existence question) and the kinds present (Q, kinds)."""
+    rows, words, asked, present = [], [], [], []
     for _ in range(n):
         scene = world.sample_scene(rng)
-        turns = world.existence_questions(rng, scene, questions)
-        rows.append(encode_conversation(tok, cfg, turns, slots=scene_words(tok, cfg, scene)))
-        asked += [next(i for i, k in enumerate(world.KINDS) if world.existence_question(k) == q) for q, _ in turns]
+        turns = image_turns(rng, scene, mix, questions)
+        rows.append(encode_conversation(tok, cfg, turns))
+        words.append(scene_words(tok, cfg, scene))
+        questions_of = {world.existence_question(k): i for i, k in enumerate(world.KINDS)}
+        asked += [questions_of.get(q, -100) for q, _ in turns]
         present += [[float(k in scene.kinds) for k in world.KINDS]] * len(turns)
-    return (*pad_rows(cfg, rows), torch.tensor(asked), torch.tensor(present))
+    return (*pad_rows(cfg, rows), torch.stack(words), torch.tensor(asked), torch.tensor(present))
 
 
 def image_batch(tok, cfg, rng: random.Random, n: int, mix: dict):
@@ -285,13 +298,12 @@ def existence_accuracy(model, tok, seed: int = 555, n_scenes: int = 60, words: b
     scenes = splits.lab_scenes(seed, n_scenes)
     qs = splits.pope_questions("random", scenes, seed, [str(i) for i in range(n_scenes)])[:200]
     cfg = model.cfg
-    rows = [encode_conversation(tok, cfg, [(q["text"], "Yes" if q["label"] == "yes" else "No")],
-                                slots=scene_words(tok, cfg, scenes[int(q["image"])]) if words else None)
-            for q in qs]
+    rows = [encode_conversation(tok, cfg, [(q["text"], "Yes" if q["label"] == "yes" else "No")]) for q in qs]
     ids, targets = pad_rows(cfg, rows)
+    asked = [scenes[int(q["image"])] for q in qs]
     with torch.no_grad():
-        image = None if words else model.encode_image(torch.cat(
-            [preprocess(world.render(scenes[int(q["image"])]), cfg.preprocessor) for q in qs]))
+        image = (scene_slots(model, torch.stack([scene_words(tok, cfg, s) for s in asked])) if words else
+                 model.encode_image(torch.cat([preprocess(world.render(s), cfg.preprocessor) for s in asked])))
         logits = forward(model, image, ids)
     first = answer_starts(targets)  # one answer per row: where its first token is predicted
     return int((logits[first].argmax(-1) == targets[first]).sum()) / len(qs)
@@ -365,9 +377,9 @@ def answer_starts(targets):
     return (targets != -100) & (previous == -100)
 
 
-def text_loss(model, probes, ids, targets, asked, present):
+def text_loss(model, probes, ids, targets, words, asked, present):
     """Stage 2's loss: the answers', plus two linear probes at each answer's position halfway up the LLM, one
-    reading the asked kind there, one the kinds among the words.
+    reading the asked kind there (answers to existence questions only), one the kinds among the words.
 
     Why the probes: answering takes two hops (carry the asked kind from the question to the answer position,
     then find it among the words), and neither hop alone lowers a balanced yes/no loss, so an LLM trained on the
@@ -375,21 +387,23 @@ def text_loss(model, probes, ids, targets, asked, present):
     to past 600 in the README's runs). Each probe's loss falls as soon as its hop starts to form, which gives
     both hops a signal from the first step; the answers then follow within ~150 steps. The probes are thrown
     away after the stage, like stage 1's heads."""
-    logits, hidden = forward(model, None, ids, probe_layer=max(1, len(model.language_model.layers) // 2))
-    h = hidden[answer_starts(targets)]  # (Q, D): the questions in order, row by row, as asked / present are
-    probe = (F.cross_entropy(probes["asked"](h).float(), asked)
-             + F.binary_cross_entropy_with_logits(probes["present"](h).float(), present))
+    logits, hidden = forward(model, scene_slots(model, words), ids,
+                             probe_layer=max(1, len(model.language_model.layers) // 2))
+    h = hidden[answer_starts(targets)]  # (Q, D): the answers in order, row by row, as asked / present are
+    existence = asked != -100           # the asked-kind probe reads only at answers to existence questions
+    probe = (F.cross_entropy(probes["asked"](h[existence]).float(), asked[existence]) if existence.any() else 0
+             ) + F.binary_cross_entropy_with_logits(probes["present"](h).float(), present)
     return answer_loss(logits, targets) + PROBE_WEIGHT * probe
 
 
 def align_loss(model, tok, pixels, ids, targets, scenes):
     """Stage 3's loss: the answers', through the frozen LLM (LLaVA's own alignment objective), plus each image
-    token's squared distance to the embedding of its patch's word in stage 2 (scene_words), relative to the
-    embeddings' mean square. With the answers alone the projector found no way in: 0.52-0.63 after 400-1000
-    steps (README, toy section); the regression points it at what the LLM already reads."""
+    token's squared distance to its patch's slot in stage 2 (scene_slots: the sum of the size, colour and kind
+    words' embeddings), relative to the slots' mean square. With the answers alone the projector found no way
+    in: 0.52-0.63 after 400-1000 steps (README, toy section); the regression points it at what the LLM already
+    reads. The answers are stage 2's mix (`text_mix`), one conversation per image."""
     image = model.encode_image(pixels)                                             # (B, 64, D)
-    lm = model.language_model
-    words = lm.embed_tokens(torch.tensor([scene_words(tok, model.cfg, s) for s in scenes])).float()
+    words = scene_slots(model, torch.stack([scene_words(tok, model.cfg, s) for s in scenes])).float()
     regression = (image.float() - words).pow(2).mean() / words.pow(2).mean()
     return answer_loss(forward(model, image, ids), targets) + regression
 
@@ -435,10 +449,13 @@ def train(tc: TrainConfig, workdir: str, log=sys.stderr, after_stage=None):
                 probes = nn.ModuleDict({name: nn.Linear(cfg.text.hidden_size, len(world.KINDS))
                                         for name in ("asked", "present")})
                 params, lr = llm + list(probes.named_parameters()), tc.lr
-                loss_of = lambda step: text_loss(model, probes, *text_batch(tok, cfg, rng, tc.batch, tc.questions))
+                text_mix = dict(zip(MIX_KINDS, tc.text_mix))
+                loss_of = lambda step: text_loss(model, probes, *text_batch(tok, cfg, rng, tc.batch, tc.questions,
+                                                                            text_mix))
             elif stage == "align":
                 params, lr = projector, tc.lr
-                loss_of = lambda step: align_loss(model, tok, *image_batch(tok, cfg, rng, tc.batch, ALIGN_MIX))
+                align_mix = dict(zip(MIX_KINDS, tc.text_mix))
+                loss_of = lambda step: align_loss(model, tok, *image_batch(tok, cfg, rng, tc.batch, align_mix))
             else:
                 mix = dict(zip(MIX_KINDS, tc.mix))
                 params, lr = projector + llm, tc.joint_lr

@@ -53,7 +53,7 @@ class Obj:
 
 @dataclass(frozen=True)
 class Scene:
-    objects: tuple[Obj, ...]  # each kind at most once; ordered left to right (the caption's order)
+    objects: tuple[Obj, ...]  # each kind at most once; ordered left to right
     background: int           # seed of the background texture and clutter
 
     @property
@@ -217,8 +217,12 @@ CAPTION_PROMPTS = ("Generate a short caption of this image.", "What is in this i
 
 
 def caption(scene: Scene) -> str:
-    """"A large red star, a small blue moon and a medium green tree." (objects left to right)."""
-    parts = [f"a {o.phrase}" for o in scene.objects]
+    """"A large red star, a small blue moon and a medium green tree.": the objects in the catalogue's order
+    (KINDS), not left to right. Which object comes next is then a fixed function of the last one named, which
+    the toy LLM learns to read from the image tokens; left to right, it has to compare the columns of patches,
+    and trained on the scene's words it repeated an object in 26 of 60 captions against 1 of 60 this way
+    (README, toy section). The order is a convention of this world; the metrics do not depend on it."""
+    parts = [f"a {o.phrase}" for o in sorted(scene.objects, key=lambda o: KINDS.index(o.kind))]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 
