@@ -14,7 +14,7 @@ from minidamro.llava import load_model
 from minidamro.tokenizer import Tokenizer
 from minidamro.toy import MODEL_DIR, splits, train, world
 from minidamro.eval.pope import score_damro
-from minidamro.toy.metrics import partner_rate, toy_chair_metrics
+from minidamro.toy.metrics import caption_attributes, partner_rate, toy_chair_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAR = world.Scene((world.Obj("star", "red", "large", 40, 40),), background=7)
@@ -202,6 +202,12 @@ def test_toy_metrics_known_answers():
     assert c["CHAIRi"] == 1 / 3 and c["CHAIRs"] == 1 / 3 and c["Recall"] == 2 / 4
     p = partner_rate(["A star and a moon.", "A star."], [STAR, STAR])
     assert p == {"partner_rate": 0.5, "partner_cases": 2}
+    two = world.Scene((world.Obj("tree", "green", "small", 5, 5), world.Obj("circle", "blue", "medium", 60, 5)), 1)
+    a = caption_attributes(["A medium blue circle and a small green tree.",   # exact
+                            "A large blue circle and a small red trees.",     # circle's size, tree's colour wrong
+                            "A small green tree, a small green tree and a large red moon."],  # repeat; moon absent
+                           [two, two, two])
+    assert a == {"exact": 1 / 3, "repeats": 1 / 3, "colour": 5 / 6, "size": 5 / 6, "phrases": 6}
 
 
 # --- training -------------------------------------------------------------------------------------------------
@@ -308,3 +314,20 @@ def test_generate_without_model_uses_the_shipped_one(capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert len(err.strip().splitlines()) == 1 and "toy model" in err
     assert world.mentioned_kinds(out)  # it names at least one object
+
+
+def test_lab_command_on_the_shipped_model(capsys):
+    """`toy eval` end to end on a small pool: the table, and the JSON's last line with the harness's metric
+    names per method and split, the caption metrics and the paper's diagnostics."""
+    from minidamro.toy.__main__ import main as toy_main
+    toy_main(["eval", "--images", "4", "--captions", "2", "--methods", "plain", "damro", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert set(result) == {"plain", "damro", "settings"} and "captions beyond CHAIR (%)" in "\n".join(out)
+    for method in ("plain", "damro"):
+        r = result[method]
+        for split in splits.SPLITS:
+            assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= set(r[split])
+        assert {"CHAIRs", "CHAIRi", "Recall", "partner_rate", "exact", "repeats", "colour", "size"} <= set(
+            r["captions"]) and r["captions"]["captions"] == 2
+        assert set(r["diagnostics"]) == {"hallucinated", "correct"} and len(r["examples"]) == 2

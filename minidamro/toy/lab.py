@@ -1,7 +1,8 @@
 """The hallucination lab: POPE-style splits and a caption test on a fresh seed of the toy world, per method.
 
 For each decoding method: the three splits (accuracy, precision, recall, F1, yes-ratio), the captions
-(CHAIRs, CHAIRi, recall, and the rate at which the planted partner is named when it is absent), and the
+(CHAIRs, CHAIRi, recall, the rate at which the planted partner is named when it is absent, and what CHAIR does
+not see: exact captions, repeated objects, right colours and sizes), and the
 DAMRO paper's diagnostics for the object words of the captions, hallucinated vs not: the mean H_i (Eq. 1,
 the overlap of the ViT's and the decoder's top-i patches) and F (Eq. 2, the decoder's image attention
 share on the ViT's top-3 patches). Decoding is greedy, as in the README's examples.
@@ -15,7 +16,7 @@ from ..generate import encode_prompt
 from ..image import preprocess
 from ..eval.pope import score_damro
 from . import splits, world
-from .metrics import partner_rate, toy_chair_metrics
+from .metrics import caption_attributes, partner_rate, toy_chair_metrics
 
 METHODS = tuple(methods.METHODS)  # every decoding method the project has (plain, damro, vcd, ...)
 CAPTION_PROMPT = world.CAPTION_PROMPTS[0]  # "Generate a short caption of this image." (DAMRO's CHAIR prompt)
@@ -80,6 +81,7 @@ def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=N
             diagnostics(a, scenes[i].kinds, words)
         out["captions"] = toy_chair_metrics(texts, [s.kinds for s in scenes[:captions]])
         out["captions"] |= partner_rate(texts, scenes[:captions])
+        out["captions"] |= caption_attributes(texts, scenes[:captions])
         out["diagnostics"] = {k: summarise(v) for k, v in words.items()}
         out["examples"] = [{"image": files[i], "truth": world.caption(scenes[i]), "caption": texts[i]}
                            for i in range(min(4, captions))]
@@ -114,6 +116,11 @@ def table(result: dict) -> str:
         lines.append(f"{m:8} {fmt(c['CHAIRs'])} {fmt(c['CHAIRi'])} {fmt(c['Recall'])} {fmt(c['partner_rate']):>7} "
                      f"{fmt(result[m]['adversarial']['partner_yes_ratio'])} {fmt(h3[0], False)} {fmt(h3[1], False)} "
                      f"{fmt(d['hallucinated']['F'], False)} {fmt(d['correct']['F'], False)}")
+    lines += ["", "captions beyond CHAIR (%): equal to the truth, naming a kind twice, colour / size of a named object "
+              "right", f"{'method':8} {'exact':>6} {'repeat':>6} {'colour':>6} {'size':>6}"]
+    for m in methods:
+        c = result[m]["captions"]
+        lines.append(f"{m:8} {fmt(c['exact'])} {fmt(c['repeats'])} {fmt(c['colour'])} {fmt(c['size'])}")
     s = result["settings"]
     lines += ["", f"seed {s['seed']}, {s['images']} images ({s['questions']['random']} questions per split), "
               f"{s['captions']} captions; greedy; " + "; ".join(

@@ -4,8 +4,12 @@ POPE-style questions are scored by the evaluation harness itself (`minidamro.eva
 DAMRO / VCD `eval_pope.py` rule). Captions get CHAIR with the toy world's vocabulary instead of COCO's
 synonym list: every kind name, singular or plural, is an object word (no synonyms, no lemmatiser needed).
 """
+import re
+
 from ..eval.pope import ratio
 from . import world
+
+PHRASE = re.compile(r"\b(" + "|".join(world.SIZES) + r") (" + "|".join(world.COLOURS) + r") (\w+)")
 
 
 def toy_chair_metrics(captions: list[str], truths: list[set[str]]) -> dict:
@@ -34,3 +38,21 @@ def partner_rate(captions: list[str], scenes: list[world.Scene]) -> dict:
                 cases += 1
                 named += partner in said
     return {"partner_rate": ratio(named, cases), "partner_cases": cases}
+
+
+def caption_attributes(captions: list[str], scenes: list[world.Scene]) -> dict:
+    """What CHAIR does not see: exact = captions equal to the world's own caption of the scene; repeats =
+    captions that name a kind more than once; colour, size = of the "SIZE COLOUR KIND" phrases that name a
+    kind in the scene, those whose colour (size) is that object's."""
+    exact = repeats = phrases = colour = size = 0
+    for text, scene in zip(captions, scenes, strict=True):
+        exact += text.strip() == world.caption(scene)
+        kinds = world.mentioned_kinds(text)
+        repeats += len(set(kinds)) < len(kinds)
+        for s, c, word in PHRASE.findall(text):
+            kind = world.WORD_TO_KIND.get(word)
+            if kind in scene.kinds:
+                o = scene.get(kind)
+                phrases, colour, size = phrases + 1, colour + (c == o.colour), size + (s == o.size)
+    return {"exact": ratio(exact, len(captions)), "repeats": ratio(repeats, len(captions)),
+            "colour": ratio(colour, phrases), "size": ratio(size, phrases), "phrases": phrases}
