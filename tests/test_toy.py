@@ -93,7 +93,8 @@ def test_training_data_of_each_stage():
     # patch (4, 4): the patches it covers by >= 15% hold " large", " red", " star", the rest <image>.
     words = train.scene_words(tok, cfg, STAR).tolist()
     assert all(len(w) == 1 for w in large_red_star) and len(words) == cfg.num_image_tokens == 64
-    covered = {n for n, w in enumerate(words) if w == [w[0] for w in large_red_star]}
+    slot = [piece[0] for piece in large_red_star]
+    covered = {n for n, w in enumerate(words) if w == slot}
     assert covered <= {8 * r + c for r in range(2, 6) for c in range(2, 6)} and 8 * 4 + 4 in covered
     assert len(covered) >= 4 and all(words[n] == [image] * 3 for n in range(64) if n not in covered)
     model = train.Llava(cfg)
@@ -122,6 +123,12 @@ def test_training_data_of_each_stage():
     assert set(targets[starts].tolist()) <= set(tok.sp_no_prefix.encode(" Yes") + tok.sp_no_prefix.encode(" No"))
     _, targets, _, asked, _ = train.text_batch(tok, cfg, random.Random(1), 20, 2, {"caption": 0.5, "attribute": 0.5})
     assert set(asked.tolist()) == {-100} and int(train.answer_starts(targets).sum()) == len(asked)
+    # Mixed: the asked-kind targets fall exactly on the answers to existence questions ("Yes" / "No").
+    _, targets, _, asked, _ = train.text_batch(tok, cfg, random.Random(5), 30, 2, {"existence": 0.5, "caption": 0.5})
+    first = targets[train.answer_starts(targets)]
+    yes_no = {tok.sp_no_prefix.encode(" Yes")[0], tok.sp_no_prefix.encode(" No")[0]}
+    assert len(first) == len(asked) and 0 < int((asked != -100).sum()) < len(asked)
+    assert all((int(t) in yes_no) == (int(k) != -100) for t, k in zip(first, asked))
     pixels, ids, targets, scenes = train.image_batch(tok, cfg, random.Random(3), 2, {"existence": 1.0})
     assert pixels.shape == (2, 3, 112, 112) and len(scenes) == 2
     assert (ids == image).sum(1).tolist() == [64, 64] and int(train.answer_starts(targets).sum()) == 2
@@ -247,6 +254,7 @@ def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint
     (["--joint-lr", "0"], "--lr and --joint-lr in (0, 1)"),
     (["--mix", "0.5", "0.6", "0"], "--mix takes three shares"),
     (["--text-mix", "1", "0", "-0.5"], "--text-mix takes three shares"),
+    (["--text-mix", "nan", "0.5", "0.5"], "--text-mix takes three shares"),
 ])
 def test_train_command_refuses_impossible_options_in_one_line(tmp_path, capsys, argv, says):
     from minidamro.toy.__main__ import main as toy_main

@@ -6,6 +6,7 @@
 """
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -64,7 +65,7 @@ def cmd_train(a):
         raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr and --joint-lr "
                              "in (0, 1)")
     for flag, mix in (("--mix", a.mix), ("--text-mix", a.text_mix)):
-        if min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
+        if not all(math.isfinite(x) and x >= 0 for x in mix) or abs(sum(mix) - 1) > 1e-6:
             raise MinidamroError(f"{flag} takes three shares >= 0 that sum to 1 (existence questions, captions, "
                                  "attributes)")
     if not sum(tc.stage_steps().values()):

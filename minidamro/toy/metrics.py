@@ -49,7 +49,7 @@ def caption_attributes(captions: list[str], scenes: list[world.Scene]) -> dict:
         exact += text.strip() == world.caption(scene)
         kinds = world.mentioned_kinds(text)
         repeats += len(set(kinds)) < len(kinds)
-        for s, c, word in PHRASE.findall(text):
+        for s, c, word in PHRASE.findall(text.lower()):
             kind = world.WORD_TO_KIND.get(word)
             if kind in scene.kinds:
                 o = scene.get(kind)

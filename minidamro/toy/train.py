@@ -84,9 +84,10 @@ class TrainConfig:
         return dict(zip(STAGES, (self.vit_steps, self.text_steps, self.align_steps, self.steps)))
 
 
-# Stages 3 and 4's data, per scene: one existence question (in exactly the form generate and the lab ask it),
-# a caption, or one colour / count / position question. A caption turn is never followed by questions, since
-# it would answer them. Stage 3 aligns on existence questions only, the one answer the frozen LLM knows.
+# Stages 2-4's data, per scene (image_turns): existence questions (in exactly the form generate and the lab ask
+# them), a caption, or colour / count / position questions; `questions` of a kind in stage 2, one in stages 3
+# and 4. A caption is never followed by questions, since it would answer them. Stages 2 and 3 draw the kinds
+# in the shares `text_mix` (stage 3's frozen LLM answers what stage 2 taught it), stage 4 in the shares `mix`.
 MIX_KINDS = ("existence", "caption", "attribute")
 PROBE_WEIGHT = 0.5  # stage 2: the probes' losses against the answers' (text_loss)
 
@@ -212,12 +213,12 @@ def text_batch(tok, cfg, rng: random.Random, n: int, questions: int, mix: dict):
     scene_slots, and the probes' targets for each answer in order: the asked kind (-100 where the answer is
     not to an existence question) and the kinds present (Q, kinds)."""
     rows, words, asked, present = [], [], [], []
+    questions_of = {world.existence_question(k): i for i, k in enumerate(world.KINDS)}
     for _ in range(n):
         scene = world.sample_scene(rng)
         turns = image_turns(rng, scene, mix, questions)
         rows.append(encode_conversation(tok, cfg, turns))
         words.append(scene_words(tok, cfg, scene))
-        questions_of = {world.existence_question(k): i for i, k in enumerate(world.KINDS)}
         asked += [questions_of.get(q, -100) for q, _ in turns]
         present += [[float(k in scene.kinds) for k in world.KINDS]] * len(turns)
     return (*pad_rows(cfg, rows), torch.stack(words), torch.tensor(asked), torch.tensor(present))
@@ -294,16 +295,16 @@ def loss_fn(model, pixels, ids, targets):
 
 def existence_accuracy(model, tok, seed: int = 555, n_scenes: int = 60, words: bool = False) -> float:
     """The share of 200 POPE-style random-split questions (lab scenes of `seed`) whose greedy first answer
-    token is right; words=True asks with the scene's words in the image's place (what stage 2 learns)."""
+    token is right; words=True asks with the scene's slots (scene_slots) in the image's place (stage 2)."""
     scenes = splits.lab_scenes(seed, n_scenes)
     qs = splits.pope_questions("random", scenes, seed, [str(i) for i in range(n_scenes)])[:200]
     cfg = model.cfg
     rows = [encode_conversation(tok, cfg, [(q["text"], "Yes" if q["label"] == "yes" else "No")]) for q in qs]
     ids, targets = pad_rows(cfg, rows)
-    asked = [scenes[int(q["image"])] for q in qs]
+    of = [scenes[int(q["image"])] for q in qs]  # each question's scene
     with torch.no_grad():
-        image = (scene_slots(model, torch.stack([scene_words(tok, cfg, s) for s in asked])) if words else
-                 model.encode_image(torch.cat([preprocess(world.render(s), cfg.preprocessor) for s in asked])))
+        image = (scene_slots(model, torch.stack([scene_words(tok, cfg, s) for s in of])) if words else
+                 model.encode_image(torch.cat([preprocess(world.render(s), cfg.preprocessor) for s in of])))
         logits = forward(model, image, ids)
     first = answer_starts(targets)  # one answer per row: where its first token is predicted
     return int((logits[first].argmax(-1) == targets[first]).sum()) / len(qs)
