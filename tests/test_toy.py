@@ -12,7 +12,7 @@ from minidamro.generate import encode_prompt, main as generate_main
 from minidamro.image import preprocess
 from minidamro.llava import load_model
 from minidamro.tokenizer import Tokenizer
-from minidamro.toy import MODEL_DIR, splits, train, world
+from minidamro.toy import MODEL_DIR, data, splits, train, world
 from minidamro.eval.pope import score_damro
 from minidamro.toy.metrics import caption_attributes, partner_rate, toy_chair_metrics
 
@@ -91,25 +91,25 @@ def test_training_data_of_each_stage():
     large_red_star = [tok.sp_no_prefix.encode(" " + w) for w in ("large", "red", "star")]
     # The large star (40 px at 40, 40) lies in patch rows and columns 2-5 (28-84 px), its centre (60, 62) in
     # patch (4, 4): the patches it covers by >= 15% hold " large", " red", " star", the rest <image>.
-    words = train.scene_words(tok, cfg, STAR).tolist()
+    words = data.scene_words(tok, cfg, STAR).tolist()
     assert all(len(w) == 1 for w in large_red_star) and len(words) == cfg.num_image_tokens == 64
     slot = [piece[0] for piece in large_red_star]
     covered = {n for n, w in enumerate(words) if w == slot}
     assert covered <= {8 * r + c for r in range(2, 6) for c in range(2, 6)} and 8 * 4 + 4 in covered
     assert len(covered) >= 4 and all(words[n] == [image] * 3 for n in range(64) if n not in covered)
     model = train.Llava(cfg)
-    slots = train.scene_slots(model, torch.tensor([words]))  # a word patch: the sum of its three embeddings
+    slots = data.scene_slots(model, torch.tensor([words]))  # a word patch: the sum of its three embeddings
     e = model.language_model.embed_tokens.weight
     assert torch.equal(slots[0, 0], e[image]) and torch.allclose(
         slots[0, 8 * 4 + 4], e[large_red_star[0][0]] + e[large_red_star[1][0]] + e[large_red_star[2][0]])
-    ids, targets = train.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")])
+    ids, targets = data.encode_conversation(tok, cfg, [("Is there a star in the image?", "Yes")])
     at = ids.index(image)
     assert ids[at:at + 64] == [image] * 64 and image not in ids[at + 64:]
     assert tok.decode(ids[:at]) == "USER: " and tok.decode(ids[at + 64:]).startswith(
         "\nIs there a star in the image? ASSISTANT: Yes")
     answer = [t for t in targets if t != -100]
     assert tok.decode(answer[:-1]) == "Yes" and answer[-1] == tok.eos_id and targets[:at + 64] == [-100] * (at + 64)
-    ids, targets, words, asked, present = train.text_batch(tok, cfg, random.Random(1), 3, 2, {"existence": 1.0})
+    ids, targets, words, asked, present = data.text_batch(tok, cfg, random.Random(1), 3, 2, {"existence": 1.0})
     assert words.shape == (3, 64, 3) and asked.shape == (6,) and present.shape == (6, len(world.KINDS))
     for n, (row, tgt) in enumerate(zip(ids.tolist(), targets.tolist())):
         questions = tok.decode(row[at + 64:]).split("Is there")[1:]
@@ -118,25 +118,25 @@ def test_training_data_of_each_stage():
         assert kinds == {tok.decode([w]).strip() for w in words[n, :, 2].tolist() if w != image}
         for q, k in zip(questions, asked[2 * n:2 * n + 2].tolist()):  # the probes' asked kind is the question's
             assert q.split()[1] == world.KINDS[k] and (("Yes" in q) == (world.KINDS[k] in kinds))
-    starts = train.answer_starts(targets)  # where the probes read: one position per question, in order
+    starts = data.answer_starts(targets)  # where the probes read: one position per question, in order
     assert int(starts.sum()) == len(asked) and {tok.decode([int(i)]) for i in ids[starts]} == {":"}
     assert set(targets[starts].tolist()) <= set(tok.sp_no_prefix.encode(" Yes") + tok.sp_no_prefix.encode(" No"))
-    _, targets, _, asked, _ = train.text_batch(tok, cfg, random.Random(1), 20, 2, {"caption": 0.5, "attribute": 0.5})
-    assert set(asked.tolist()) == {-100} and int(train.answer_starts(targets).sum()) == len(asked)
+    _, targets, _, asked, _ = data.text_batch(tok, cfg, random.Random(1), 20, 2, {"caption": 0.5, "attribute": 0.5})
+    assert set(asked.tolist()) == {-100} and int(data.answer_starts(targets).sum()) == len(asked)
     # Mixed: the asked-kind targets fall exactly on the answers to existence questions ("Yes" / "No").
-    _, targets, _, asked, _ = train.text_batch(tok, cfg, random.Random(5), 30, 2, {"existence": 0.5, "caption": 0.5})
-    first = targets[train.answer_starts(targets)]
+    _, targets, _, asked, _ = data.text_batch(tok, cfg, random.Random(5), 30, 2, {"existence": 0.5, "caption": 0.5})
+    first = targets[data.answer_starts(targets)]
     yes_no = {tok.sp_no_prefix.encode(" Yes")[0], tok.sp_no_prefix.encode(" No")[0]}
     assert len(first) == len(asked) and 0 < int((asked != -100).sum()) < len(asked)
     assert all((int(t) in yes_no) == (int(k) != -100) for t, k in zip(first, asked))
-    pixels, ids, targets, scenes = train.image_batch(tok, cfg, random.Random(3), 2, {"existence": 1.0})
+    pixels, ids, targets, scenes = data.image_batch(tok, cfg, random.Random(3), 2, {"existence": 1.0})
     assert pixels.shape == (2, 3, 112, 112) and len(scenes) == 2
-    assert (ids == image).sum(1).tolist() == [64, 64] and int(train.answer_starts(targets).sum()) == 2
+    assert (ids == image).sum(1).tolist() == [64, 64] and int(data.answer_starts(targets).sum()) == 2
     counts = {"existence": 0, "caption": 0, "attribute": 0}
     rng = random.Random(2)
     mix = {"existence": 0.6, "caption": 0.25, "attribute": 0.15}
     for _ in range(1000):
-        t = train.image_turns(rng, STAR, mix)
+        t = data.image_turns(rng, STAR, mix)
         kind = ("existence" if t[0][0].startswith("Is there") else
                 "caption" if t[0][0] in world.CAPTION_PROMPTS else "attribute")
         assert len(t) == 1
@@ -150,7 +150,7 @@ def test_every_object_covers_a_patch():
     rng = random.Random(4)
     for _ in range(500):
         s = world.sample_scene(rng, probe=rng.random() < 0.3)
-        labels = set(train.patch_labels(s, 8, 14).tolist())
+        labels = set(data.patch_labels(s, 8, 14).tolist())
         assert {world.KINDS.index(k) + 1 for k in s.kinds} <= labels
 
 
