@@ -10,7 +10,7 @@ import torch
 from minidamro import generation
 from minidamro.generate import encode_prompt, main as generate_main
 from minidamro.image import preprocess
-from minidamro.llava import load_model
+from minidamro.llava import Llava, load_model
 from minidamro.tokenizer import Tokenizer
 from minidamro.toy import MODEL_DIR, data, splits, train, world
 from minidamro.eval.pope import score_damro
@@ -97,7 +97,7 @@ def test_training_data_of_each_stage():
     covered = {n for n, w in enumerate(words) if w == slot}
     assert covered <= {8 * r + c for r in range(2, 6) for c in range(2, 6)} and 8 * 4 + 4 in covered
     assert len(covered) >= 4 and all(words[n] == [image] * 3 for n in range(64) if n not in covered)
-    model = train.Llava(cfg)
+    model = Llava(cfg)
     slots = data.scene_slots(model, torch.tensor([words]))  # a word patch: the sum of its three embeddings
     e = model.language_model.embed_tokens.weight
     assert torch.equal(slots[0, 0], e[image]) and torch.allclose(
@@ -158,7 +158,7 @@ def test_each_conversation_weighs_the_same_in_the_loss():
     """A caption's many answer tokens weigh as much as one "Yes</s>": the batch loss is the mean of the
     conversations' own mean losses, whatever their lengths."""
     cfg = train.model_config(train.TrainConfig(vit=(1, 32, 2), llm=(1, 48, 2)), 500)
-    model = train.Llava(cfg)
+    model = Llava(cfg)
     train.init_weights(model, 0)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 500, (2, 12), generator=g)

@@ -4,7 +4,6 @@
     python -m minidamro.toy eval                             # the lab: POPE-style splits + captions, per method
     python -m minidamro.toy render --out scenes/ --count 8   # images of the world with their ground truth
 """
-import argparse
 import json
 import math
 import os
@@ -56,8 +55,8 @@ def plot_losses(losses: dict, path: str, title: str):
 def cmd_train(a):
     from . import train as T
     import torch
-    tc = T.TrainConfig(batch=a.batch, lr=a.lr, joint_lr=a.joint_lr, seed=a.seed, threads=a.threads, precision=a.precision,
-                       vit_steps=a.vit_steps, text_steps=a.text_steps, questions=a.questions,
+    tc = T.TrainConfig(batch=a.batch, lr=a.lr, joint_lr=a.joint_lr, seed=a.seed, threads=a.threads,
+                       precision=a.precision, vit_steps=a.vit_steps, text_steps=a.text_steps, questions=a.questions,
                        align_steps=a.align_steps, steps=a.steps, mix=tuple(a.mix), text_mix=tuple(a.text_mix),
                        init=a.init or "")
     if min(a.batch, a.threads, a.questions) < 1 or min(tc.stage_steps().values()) < 0 or not (
@@ -148,7 +147,8 @@ def main(argv=None):
     from .train import TrainConfig
     d = TrainConfig()
     t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1: the ViT alone (0 skips a stage)")
-    t.add_argument("--text-steps", type=int, default=d.text_steps, help="stage 2: the LLM alone, on the scenes written as words")
+    t.add_argument("--text-steps", type=int, default=d.text_steps,
+                   help="stage 2: the LLM alone, on the scenes written as words")
     t.add_argument("--questions", type=int, default=d.questions,
                    help="stage 2: questions per existence or attribute conversation")
     t.add_argument("--text-mix", type=float, nargs=3, default=list(d.text_mix), metavar=("EXIST", "CAPTION", "ATTR"),

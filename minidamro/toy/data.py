@@ -16,8 +16,8 @@ from . import world
 
 # Stages 2-4's data, per scene (image_turns): existence questions (in exactly the form generate and the lab ask
 # them), a caption, or colour / count / position questions; TrainConfig.questions of them in stage 2, one in
-# stages 3 and 4. A caption is never followed by questions, since it would answer them. Stages 2 and 3 draw the kinds
-# in the shares `text_mix` (stage 3's frozen LLM answers what stage 2 taught it), stage 4 in the shares `mix`.
+# stages 3 and 4. A caption is never followed by questions, since it would answer them. Stages 2 and 3 draw
+# the kinds in the shares `text_mix` (stage 3's frozen LLM answers what stage 2 taught it), stage 4 in `mix`.
 MIX_KINDS = ("existence", "caption", "attribute")
 
 
