@@ -23,6 +23,14 @@ class Capture:
     llm_attn: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
+def causal_mask(start: int, T: int, dtype, device=None):
+    """The additive mask of T new queries at positions start .. start + T - 1 over keys 0 .. start + T - 1, as
+    transformers builds it: 0 where a query may attend, the dtype's most negative value above the diagonal."""
+    pos, keys = torch.arange(start, start + T, device=device), torch.arange(start + T, device=device)
+    return torch.zeros(T, start + T, dtype=dtype, device=device).masked_fill(keys[None] > pos[:, None],
+                                                                              torch.finfo(dtype).min)
+
+
 def eager_attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(d) + mask) v with the softmax in float32, as transformers' eager attention.
 

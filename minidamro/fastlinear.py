@@ -11,9 +11,11 @@ caches, keeps the fastest for the rest of the process (a few tens of millisecond
 `MINIDAMRO_LINEAR=<name>` forces one for reproduction. All compute the same sums; they may round differently
 (the order of the K products differs), within the usual float bound of a K-term dot product.
 
-Only CPU inputs of at most MAX_ROWS rows (decode steps) are tuned or forced; prefill (many rows, a GEMM that
-BLAS does well) and other devices always use `F.linear`. Apart from these, a layer can hold a oneDNN-packed
-copy of its weight (chosen at load, see `packing_pays` and llava.pack_linears), used then for every input.
+Only CPU inputs of at most MAX_ROWS rows (decode steps) are tuned or forced; prefill (many rows, a GEMM) and
+other devices always use `F.linear`. Apart from these, a layer can hold a oneDNN-packed copy of its weight
+(chosen at load, see `packing_pays` and llava.pack_linears), used then for every input: chosen by decode
+speed for the decoder, by GEMM speed for the vision tower and the projector, which only see whole images.
+The decoder's attention is chosen the same way, for decode steps and for prefills apart (see `attention`).
 """
 import math
 import os
@@ -24,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import MinidamroError
-from .capture import eager_attention
+from .capture import causal_mask, eager_attention
 
 ENV = "MINIDAMRO_LINEAR"
 MAX_ROWS = 2          # decode: 1 row plain, 2 rows DAMRO / VCD (both streams in one read of the weights)
@@ -60,7 +62,8 @@ _chosen: dict = {}        # (device, dtype, N, K, rows, bias) -> name: the proce
 def chosen() -> dict:
     """What this process has measured and chosen so far, "device dtype N K rows bias" -> formulation (the
     benchmark records it: choices, and so the last bits and the speed, can differ between processes); the
-    packing decisions appear as "packed dtype N K" -> True or False."""
+    packing decisions appear as "packed dtype N K" (decoder layers) or "packed dtype N K rows" (image layers)
+    -> True or False."""
     return {" ".join(map(str, key)): name for key, name in _chosen.items()}
 
 
@@ -147,12 +150,15 @@ def pack(w):
     return torch.ops.mkldnn._reorder_linear_weight(w, 1)
 
 
-def packing_pays(w) -> bool:
+def packing_pays(w, rows: int | None = None) -> bool:
     """Whether to use a packed copy of w: forced by MINIDAMRO_LINEAR=packed; with auto, measured once per
-    (dtype, N, K) against the fastest unpacked formulation. A packed layer serves every decode step, one row
-    (plain) and two rows (DAMRO, VCD), so it is packed only if packing is no slower for either: a choice made
-    on one row alone left two-row steps on a slower kernel. Never for other devices, or where oneDNN lacks the
-    dtype (float16 needs AVX-512 FP16)."""
+    (dtype, N, K, rows) against the fastest unpacked formulation. rows None: a decoder layer, which serves every
+    decode step, one row (plain) and two rows (DAMRO, VCD), so it is packed only if packing is no slower for
+    either (a choice made on one row alone left two-row steps on a slower kernel). rows = R: a layer that only
+    ever sees whole images of R tokens (the vision tower, the projector), packed if oneDNN's GEMM on the packed
+    copy beats F.linear's at R rows: bfloat16 ViT-L shapes at 577 rows took 0.70-0.79x F.linear's time on the
+    Zen 5 machine (the same bits), float32 0.53-0.63x (MKL's sgemm runs there at half oneDNN's speed). Never
+    for other devices, or where oneDNN lacks the dtype (float16 needs AVX-512 FP16)."""
     name = forced()
     if name not in (None, "packed") or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
@@ -160,15 +166,24 @@ def packing_pays(w) -> bool:
         return False
     if name == "packed":
         return True
-    key = ("packed", w.dtype, *w.shape)
+    key = ("packed", w.dtype, *w.shape) + (() if rows is None else (rows,))
     if key not in _chosen:
         n, k = w.shape  # scratch weights only: the real ones stay untouched (memory-mapped, not resident)
-        rows = min(n, POOL_BYTES // (k * w.element_size()))
-        copies = min(MAX_COPIES, math.ceil(POOL_BYTES / (rows * k * w.element_size())))  # as measure's pool
-        pool = [pack(torch.ones(rows, k, dtype=w.dtype)) for _ in range(copies)]
+        if rows is not None:  # a GEMM: compute-bound, one weight in cache is representative
+            x, scratch = torch.ones(rows, k, dtype=w.dtype), torch.ones(n, k, dtype=w.dtype)
+            p = pack(scratch)
+            t = {}
+            for _ in range(3):  # interleaved; the first pass warms both up
+                t["linear"] = _best_time(lambda: F.linear(x, scratch), 1, t.get("linear", math.inf))
+                t["packed"] = _best_time(lambda: _packed(x, p, None), 1, t.get("packed", math.inf))
+            _chosen[key] = t["packed"] <= t["linear"]
+            return _chosen[key]
+        pool_rows = min(n, POOL_BYTES // (k * w.element_size()))
+        copies = min(MAX_COPIES, math.ceil(POOL_BYTES / (pool_rows * k * w.element_size())))  # as measure's pool
+        pool = [pack(torch.ones(pool_rows, k, dtype=w.dtype)) for _ in range(copies)]
         pays = True
         for r in range(1, MAX_ROWS + 1):
-            eager = min(measure(torch.ones(rows, k, dtype=w.dtype), r, False).values())
+            eager = min(measure(torch.ones(pool_rows, k, dtype=w.dtype), r, False).values())
             x = torch.ones(r, k, dtype=w.dtype)
             packed = _best_time(lambda: [_packed(x, p, None) for p in pool], reps=2)
             pays = pays and packed <= eager
@@ -181,45 +196,72 @@ class Linear(nn.Linear):
     copy of the weight once `packed` is set (see llava.load_model)."""
     packed = None
 
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle) computes from its own weight: it may be changed or converted (the tests'
+        # mutated and float64 copies), and oneDNN's packed tensor cannot be copied anyway.
+        return {k: v for k, v in super().__getstate__().items() if k != "packed"}
+
     def forward(self, x):
         if self.packed is not None:
             return _packed(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias)
 
 
-# ---------------------------------------------------------------- one-query attention (decode)
+# ---------------------------------------------------------------- the decoder's attention (decode and prefill)
 # A decode step attends one query over the whole KV cache. torch's fused SDPA kernel is not always the fastest
 # way: on a 2-core AMD Zen 5 (torch 2.13, one thread) one 7B-shaped layer (32 heads x 128, 600 positions) took
 # ~3.4 ms in bfloat16 with SDPA against ~0.7-1.7 ms with transformers' eager formulation (two batched matmuls
-# and a float32 softmax), while in float32 SDPA was the faster (~0.7-1.4 ms against ~1.8-2.3). So, as for the
-# linears, the first decode step of a (dtype, heads, kv heads, head_dim, threads) times both on scratch tensors
-# laid out as a cache of MEASURE_POSITIONS positions (~40 ms once at the 7B shape, a few ms at smaller ones),
-# keeps the faster for the process, and MINIDAMRO_ATTENTION=sdpa|eager forces one. "eager" computes exactly
-# transformers' eager attention (its bits equal HF eager's), "sdpa" exactly HF's SDPA call.
+# and a float32 softmax), while in float32 SDPA was the faster (~0.7-1.4 ms against ~1.8-2.3). A prefill (T > 1
+# causal queries) differs again: the same layer's 590-token bfloat16 prefill took ~30 ms with SDPA's flash loop
+# (2 threads), ~38 ms eager over the whole (T, T) score matrix (the float32 softmax of 11M scores is most of
+# it), and 12-20 ms eager taken PREFILL_BLOCK query rows at a time, each block over the keys up to its last row
+# only: the scores above the diagonal are never computed, nor their softmax. So, as for the linears, the first
+# decode step and the first prefill of a (dtype, heads, kv heads, head_dim, threads) each time both forms on
+# scratch tensors laid out as a KV cache (~40 ms, resp. ~0.2 s, once at the 7B shape; a few ms at small ones),
+# keep the faster for the process, and MINIDAMRO_ATTENTION=sdpa|eager forces one for both. "sdpa" is exactly
+# transformers' SDPA call. "eager" is transformers' eager attention: the same call for a decode step (its bits
+# equal HF eager's); for a prefill, row for row the same sums (a masked score adds an exact 0 to the softmax
+# and to the product with v), but on row blocks, so the BLAS sees other shapes and may round differently.
 ATTENTION_ENV = "MINIDAMRO_ATTENTION"
 ATTENTION_FORMS = ("sdpa", "eager")
 MEASURE_POSITIONS = 768  # a representative cache: LLaVA-1.5's 576 image tokens, a prompt and an answer
+PREFILL_POSITIONS = 512  # the prefill timed (a prompt with an image is ~600 tokens; the timing grows as T^2)
+PREFILL_BLOCK = 128      # query rows per block of the eager prefill (64-128 were fastest at the 7B shape)
 
 
-def _attend_sdpa(q, k, v, scratch=None):
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+def _attend_sdpa(q, k, v, scratch=None, mask=None):
+    # mask None with several queries: a prefill from position 0 (S == T), plainly causal, as llama.py passes it
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _attend_eager(q, k, v, scratch=None):
+def _attend_eager(q, k, v, scratch=None, mask=None):
     """k and v are first copied into `scratch` (2, >= H S d), contiguous, each k/v head repeated for its group
     of H / Hkv query heads as transformers' repeat_kv does (so the matmuls see HF's own operands; a grouped
     matmul without the repeat sums in another order, and its float32 bits differ from HF eager's). Contiguous
     matters: a KVCache slice has its heads max_len positions apart, and torch's bfloat16 batched matmul over
     such strides took 1.7 ms per 7B layer for q k^T on the Zen 5 machine against 0.13 ms contiguous. And a
-    reused scratch matters: fresh 5 MB copies per layer were page-faulted in again on most calls (0.7 -> 1-5 ms)."""
+    reused scratch matters: fresh 5 MB copies per layer were page-faulted in again on most calls (0.7 -> 1-5 ms).
+    T > 1 queries (the cache's last T positions) attend causally, block by block (see above); mask: the
+    (T, S) causal mask, or None to build it."""
     _, Hkv, S, d = k.shape
-    H = q.shape[1]
+    H, T = q.shape[1], q.shape[2]
     if scratch is None:
         scratch = torch.empty(2, H * S * d, dtype=k.dtype, device=k.device)
     kc, vc = scratch[:, :H * S * d].view(2, Hkv, H // Hkv, S, d).unbind()
     kc.copy_(k[0, :, None].expand_as(kc))  # (Hkv, rep, S, d): head h of the result is kv head h // rep
     vc.copy_(v[0, :, None].expand_as(vc))
-    return eager_attention(q, kc.view(1, H, S, d), vc.view(1, H, S, d))[0]  # the probabilities are not kept
+    k, v = kc.view(1, H, S, d), vc.view(1, H, S, d)
+    if T == 1:
+        return eager_attention(q, k, v)[0]  # the probabilities are not kept
+    if mask is None:
+        mask = causal_mask(S - T, T, q.dtype, q.device)
+    out = torch.empty_like(q)
+    for a in range(0, T, PREFILL_BLOCK):
+        b = min(T, a + PREFILL_BLOCK)
+        end = S - T + b  # keys after the block's last row are masked for all of its rows
+        out[:, :, a:b] = eager_attention(q[:, :, a:b], k[:, :, :end], v[:, :, :end], mask[a:b, :end])[0]
+    return out
 
 
 ATTEND = {"sdpa": _attend_sdpa, "eager": _attend_eager}
@@ -230,11 +272,12 @@ def forced_attention() -> str | None:
 
 
 def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions: int = MEASURE_POSITIONS,
-                      reps: int = 5) -> dict[str, float]:
-    """Seconds per call of each formulation for one query over `positions` cached keys, the best of `reps`
-    interleaved calls after one warm-up call each. k and v are laid out as a KVCache's: slices of a buffer of
-    more positions (the speed depends on the strides)."""
-    q = torch.ones(1, heads, 1, head_dim, dtype=dtype)  # the values do not change the speed
+                      queries: int = 1, reps: int = 5) -> dict[str, float]:
+    """Seconds per call of each formulation for `queries` new queries (1: a decode step; more: a prefill from
+    position 0, causal) over `positions` cached keys, the best of `reps` interleaved calls after one warm-up
+    call each. k and v are laid out as a KVCache's: slices of a buffer of more positions (the speed depends on
+    the strides)."""
+    q = torch.ones(1, heads, queries, head_dim, dtype=dtype)  # the values do not change the speed
     k, v = torch.ones(2, 1, kv_heads, positions + 64, head_dim, dtype=dtype)[:, :, :, :positions]
     scratch = torch.zeros(2, heads * positions * head_dim, dtype=dtype)  # written: real pages, as a reused one
     for f in ATTEND.values():
@@ -246,18 +289,24 @@ def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions
     return best
 
 
-def attention(q, k, v, scratch=None):
-    """softmax(q k^T / sqrt(d)) v for one new query: q (1, H, 1, d), k, v (1, Hkv, S, d) -> (1, H, 1, d), with
-    SDPA or the eager formulation, whichever is faster here (CPU only; other devices take SDPA). scratch: room
-    for the eager form's contiguous k and v (2, >= H S d), reused across calls (KVCache.scratch)."""
+def attention(q, k, v, scratch=None, mask=None):
+    """softmax(q k^T / sqrt(d) + mask) v for T new queries, the cache's last T positions: q (1, H, T, d), k, v
+    (1, Hkv, S, d) -> (1, H, T, d). mask: None for a decode step (T = 1) or a prefill from position 0 (S = T,
+    causal), else the (T, S) causal mask (capture.causal_mask). SDPA or the eager formulation, whichever is
+    faster here for a decode step, resp. a prefill (CPU only; other devices take SDPA). scratch: room for the
+    eager form's contiguous k and v (2, >= H S d), reused across calls (KVCache.scratch)."""
     name = forced_attention()
     if name is None:
         if q.device.type != "cpu":
             name = "sdpa"
         else:
-            key = ("attention", q.dtype, q.shape[1], k.shape[1], q.shape[-1], torch.get_num_threads())
+            decode = q.shape[2] == 1
+            key = ("attention" if decode else "prefill attention", q.dtype, q.shape[1], k.shape[1], q.shape[-1],
+                   torch.get_num_threads())
             if key not in _chosen:
-                t = measure_attention(q.dtype, q.shape[1], k.shape[1], q.shape[-1])
+                t = (measure_attention(q.dtype, q.shape[1], k.shape[1], q.shape[-1]) if decode else
+                     measure_attention(q.dtype, q.shape[1], k.shape[1], q.shape[-1], PREFILL_POSITIONS,
+                                       PREFILL_POSITIONS, reps=2))
                 _chosen[key] = min(t, key=t.get)
             name = _chosen[key]
-    return ATTEND[name](q, k, v, scratch)
+    return ATTEND[name](q, k, v, scratch, mask)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import Capture, eager_attention
+from .capture import Capture, causal_mask, eager_attention
 from .fastlinear import Linear, attention
 
 
@@ -116,11 +116,8 @@ class LlamaAttention(nn.Module):
                 keys, values = keys.repeat_interleave(rep, 0), values.repeat_interleave(rep, 0)
                 y, probs = eager_attention(qb, keys[None], values[None], masks[b])
                 capture.llm_attn.setdefault(layer, []).append(probs[0])
-            elif T == 1:  # decode: SDPA or the eager formulation, whichever is faster on this machine
-                y = attention(qb, keys[None], values[None], cache.scratch)
-            else:
-                y = F.scaled_dot_product_attention(qb, keys[None], values[None], attn_mask=masks[b],
-                                                   is_causal=masks[b] is None, enable_gqa=self.n_kv != self.n_heads)
+            else:  # SDPA or the eager formulation, whichever is faster on this machine (decode and prefill apart)
+                y = attention(qb, keys[None], values[None], cache.scratch, masks[b])
             out.append(y)
         y = (out[0] if B == 1 else torch.cat(out)).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.o_proj(y)
@@ -177,10 +174,7 @@ class LlamaModel(nn.Module):
             if T == 1 or (cache.length == 0 and capture is None):
                 masks.append(None)
             else:
-                pos, keys = torch.arange(cache.length, cache.length + T), torch.arange(cache.length + T)
-                allowed = (keys[None, :] <= pos[:, None]).to(x.device)
-                masks.append(torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-                             .masked_fill(~allowed, torch.finfo(x.dtype).min))
+                masks.append(causal_mask(cache.length, T, x.dtype, x.device))
         for i, layer in enumerate(self.layers):
             x = layer(x, i, caches, masks, capture)
         for cache in caches:

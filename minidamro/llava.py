@@ -66,8 +66,8 @@ class LlavaConfig:
 class LlavaMultiModalProjector(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
-        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
-        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+        self.linear_1 = fastlinear.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.linear_2 = fastlinear.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
 
     def forward(self, x):
         # Exact erf GELU here (LLaVA trained the projector), unlike the ViT's quick_gelu.
@@ -213,11 +213,17 @@ def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
 
 
 def pack_linears(model: Llava, path: str, mapped: set):
-    """Give each decoder linear layer whose weight is still a view of the file a oneDNN-packed copy where
-    fastlinear finds that faster. The copy is packed from the file's bytes read into a temporary buffer (page
-    cache, not this process's memory), so the mapped original is never touched and costs no memory."""
+    """Give each linear layer whose weight is still a view of the file a oneDNN-packed copy where fastlinear
+    finds that faster: decoder layers (and lm_head) for decode steps, the vision tower's and the projector's for
+    a whole image's tokens, the only input they see. The copy is packed from the file's bytes read into a
+    temporary buffer (page cache, not this process's memory), so the mapped original is never touched and costs
+    no memory."""
+    tokens = model.cfg.vision.num_patches + 1  # the ViT's rows per image (the projector's: one fewer)
     for name, m in model.named_modules():
-        if isinstance(m, fastlinear.Linear) and name + ".weight" in mapped and fastlinear.packing_pays(m.weight):
+        if not (isinstance(m, fastlinear.Linear) and name + ".weight" in mapped):
+            continue
+        image = name.startswith(("vision_tower.", "multi_modal_projector."))
+        if fastlinear.packing_pays(m.weight, tokens if image else None):
             w = m.weight
             buf = torch.empty(w.numel() * w.element_size(), dtype=torch.uint8)
             with open(path, "rb") as f:

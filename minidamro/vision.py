@@ -3,6 +3,8 @@
 Submodule names follow Hugging Face's `CLIPVisionModel`, so the converter's key table is a prefix swap.
 Only the layers LLaVA reads are built: LLaVA takes its features from `vision_feature_layer`
 (-2: the output of the second-to-last layer), so the last layer and `post_layernorm` are never computed.
+The linear layers are fastlinear.Linear: nn.Linear, given a oneDNN-packed copy of the weight at load where that
+multiplies an image's tokens faster on this machine (llava.pack_linears).
 """
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .capture import Capture, eager_attention
+from .fastlinear import Linear
 
 
 @dataclass
@@ -58,7 +61,7 @@ class CLIPAttention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         d = cfg.hidden_size
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(d, d) for _ in range(4))
 
     def forward(self, x, layer: int, capture: Capture | None):
         B, T, D = x.shape
@@ -76,8 +79,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):

@@ -2,9 +2,9 @@
 
 In half precision the order of summation shows, so each path is compared with the HF path that runs the
 same operations: minidamro's fast path (SDPA) with HF's SDPA, its capturing path with HF's eager attention,
-and each pair must agree bit for bit (torch.equal). A decode step of the fast path may take either SDPA or
-the eager formulation (measured, minidamro.fastlinear.attention), so each test forces the one it compares. That is a claim about the operations, not about one
-CPU: both models run in one process, and torch picks a CPU kernel (BLAS / oneDNN routine, vector width,
+and each pair must agree bit for bit (torch.equal). The fast path's attention, in a decode step and in a
+prefill, may take either SDPA or the eager formulation (measured, minidamro.fastlinear.attention), so each
+test forces the one it compares. That is a claim about the operations, not about one CPU: both models run in one process, and torch picks a CPU kernel (BLAS / oneDNN routine, vector width,
 blocking, thread split) from the operation, dtype, shapes, strides, data alignment (torch's allocator's
 64 bytes for both here: the weights are converted on loading) and the machine, never from the caller. So
 the same operations on the same shapes give the same bits on any CPU, BLAS build, ATen capability or thread
@@ -15,7 +15,9 @@ what transformers does.
 
 Across the two paths the summation order differs, and the logits must agree within the rounding bound of
 tests/tolerance.py in the dtype checked (measured against transformers in float64), so a real error that
-happened to be small in float32 would still have to stay within it.
+happened to be small in float32 would still have to stay within it. So must the fast path's prefill with the
+eager formulation forced and HF eager: it computes the same sums, but on blocks of query rows, so the BLAS sees
+other shapes than HF's and need not round alike (its float32 bound is checked in test_fastlinear.py).
 """
 import random
 
@@ -57,7 +59,8 @@ def setups(hf_checkpoints, checkpoints):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", tiny.CONFIGS)
-def test_half_precision_matches_transformers(name, dtype, setups):
+def test_half_precision_matches_transformers(name, dtype, setups, monkeypatch):
+    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "sdpa")  # the fast path's prefill as HF SDPA's (see above)
     hf, model, ids, pixels = setups(name, dtype)
     assert all(p.dtype == DTYPES[dtype] for p in model.parameters())
     with torch.no_grad():
@@ -77,6 +80,14 @@ def test_half_precision_matches_transformers(name, dtype, setups):
         assert torch.equal(logits[path], ref[path].float()), f"{path} path differs from HF {path} in {dtype}"
     # Across paths: within the rounding bound of the logits in this dtype.
     tolerance.assert_close(logits["eager"], logits["sdpa"], exact, f"{dtype} logits, eager vs SDPA path",
+                           dtype=DTYPES[dtype])
+    # The fast path with the eager formulation's blocked prefill: HF eager's sums, on other shapes (see above).
+    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "eager")
+    monkeypatch.setattr(fastlinear, "PREFILL_BLOCK", 16)  # several blocks, the last one short, on this prompt
+    assert len(ids) % 16 != 0 and len(ids) > 32
+    cache = KVCache(model.cfg.text, len(ids), dtype=DTYPES[dtype])
+    blocks = model.logits(model.language_model(model.embed(ids, model.encode_image(pixels)[0]), [cache]))
+    tolerance.assert_close(blocks, ref["eager"].float(), exact, f"{dtype} logits, blocked eager prefill vs HF eager",
                            dtype=DTYPES[dtype])
 
 

@@ -1,13 +1,15 @@
 """minidamro.fastlinear: every formulation of x W^T (+ b) is the same sum, and forcing any of them keeps the
 model's greedy tokens equal to transformers' for one row (plain decoding) and two rows (two streams decoded
 together, as DAMRO and VCD do)."""
+import copy
+
 import pytest
 import torch
 
 import tiny
 import tolerance
 from minidamro import MinidamroError, fastlinear
-from minidamro.capture import eager_attention
+from minidamro.capture import causal_mask, eager_attention
 from minidamro.generation import Sampler, generate
 from minidamro.image import preprocess
 from minidamro.llama import KVCache
@@ -48,6 +50,18 @@ def test_the_packed_copy_is_x_wt_within_the_float32_dot_product_bound(rows):
     assert y.shape == (rows, 300) and ((y.double() - ref).abs() <= bound).all()
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
+def test_a_copy_of_a_packed_layer_computes_from_its_own_weight():
+    layer = fastlinear.Linear(64, 32).requires_grad_(False)
+    layer.packed = fastlinear.pack(layer.weight)
+    twin = copy.deepcopy(layer)  # what the parity tests do before mutating or converting a model
+    assert twin.packed is None and layer.packed is not None
+    twin.weight[0] += 1
+    x = torch.randn(3, 64)
+    assert torch.equal(twin(x), torch.nn.functional.linear(x, twin.weight, twin.bias))
+    assert not torch.allclose(layer(x), twin(x))
+
+
 def test_auto_measures_once_per_shape_and_rows_and_picks_a_candidate(monkeypatch):
     monkeypatch.delenv(fastlinear.ENV, raising=False)
     monkeypatch.setattr(fastlinear, "_chosen", {})
@@ -65,6 +79,26 @@ def test_auto_measures_once_per_shape_and_rows_and_picks_a_candidate(monkeypatch
     assert fastlinear.chosen() == {"cpu torch.float32 64 96 1 False": fastlinear._chosen[
         ("cpu", torch.float32, 64, 96, 1, False)], "cpu torch.float32 64 96 2 False": fastlinear._chosen[
         ("cpu", torch.float32, 64, 96, 2, False)]}  # what the benchmark records
+
+
+def test_image_layers_are_packed_by_their_speed_on_a_whole_image(monkeypatch, checkpoints):
+    """The vision tower and the projector only ever see an image's tokens, so their packing is chosen by the GEMM
+    at that many rows; the decoder's by decode steps (rows None: 1 and 2)."""
+    monkeypatch.delenv(fastlinear.ENV, raising=False)
+    monkeypatch.setattr(fastlinear, "_chosen", {})
+    asked = []
+    real = fastlinear.packing_pays
+    monkeypatch.setattr(fastlinear, "packing_pays", lambda w, rows=None: asked.append(rows) or real(w, rows))
+    model = load_model(checkpoints["mha"])
+    image = [n for n, m in model.named_modules() if isinstance(m, fastlinear.Linear)
+             and n.startswith(("vision_tower.", "multi_modal_projector."))]
+    assert len(image) == 6 * len(model.vision_tower.encoder.layers) + 2
+    tokens = model.cfg.vision.num_patches + 1
+    assert asked == [tokens] * len(image) + [None] * (7 * model.cfg.text.num_hidden_layers + 1)
+    for key, pays in fastlinear._chosen.items():  # one decision per (dtype, N, K[, rows]), a bool
+        assert key[0] == "packed" and isinstance(pays, bool)
+    v = model.cfg.vision
+    assert ("packed", torch.float32, v.intermediate_size, v.hidden_size, tokens) in fastlinear._chosen
 
 
 def test_an_unknown_formulation_is_an_error(monkeypatch, checkpoints):
@@ -95,7 +129,8 @@ def test_forced_formulations_keep_greedy_tokens_equal_to_transformers(name, monk
     hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoints["gqa"], dtype=torch.float32).eval()
     model = load_model(checkpoints["gqa"])
     linears = [m for m in model.modules() if isinstance(m, fastlinear.Linear)]
-    assert len(linears) == 7 * model.cfg.text.num_hidden_layers + 1  # every LLaMA linear and lm_head
+    # every LLaMA linear and lm_head, every linear of the ViT layers LLaVA reads, the projector's two
+    assert len(linears) == 7 * model.cfg.text.num_hidden_layers + 1 + 6 * len(model.vision_tower.encoder.layers) + 2
     if name == "packed":  # oneDNN on a packed copy, for prefill and decode alike
         assert all(m.packed is not None for m in linears)
     elif name != "auto":
@@ -117,7 +152,7 @@ def test_forced_formulations_keep_greedy_tokens_equal_to_transformers(name, monk
     assert got == expected
 
 
-# ---------------------------------------------------------------- one-query attention (decode steps)
+# ---------------------------------------------------------------- attention (decode steps and prefills)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (6, 3)])
@@ -138,6 +173,35 @@ def test_both_attention_formulations_are_one_query_attention_within_the_rounding
     assert torch.equal(eager, eager_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))[0])
 
 
+@pytest.mark.parametrize("start", [0, 23])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (6, 3)])
+def test_both_attention_formulations_are_causal_prefill_attention_within_the_rounding_bound(heads, kv_heads, start,
+                                                                                          monkeypatch):
+    """T = 37 new queries after `start` cached positions (0: a prefill from position 0, no mask passed; else the
+    explicit causal mask, as llama.py passes them). The eager form runs blocks of 8 query rows here (the last
+    one short), each over the keys up to its last row."""
+    monkeypatch.setattr(fastlinear, "PREFILL_BLOCK", 8)
+    g = torch.Generator().manual_seed(heads + kv_heads + start)
+    T, S = 37, start + 37
+    q = torch.randn(1, heads, T, 16, generator=g)
+    buf = torch.randn(2, kv_heads, S + 13, 16, generator=g)  # a cache with room to spare, as a KVCache
+    k, v = buf[0, :, :S][None], buf[1, :, :S][None]
+    mask = None if start == 0 else causal_mask(start, T, torch.float32)
+    rep = heads // kv_heads
+    k64, v64 = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    later = torch.arange(S)[None] > torch.arange(start, S)[:, None]  # keys after each query's own position
+    exact = torch.softmax((q.double() @ k64.transpose(-1, -2) / 4).masked_fill(later, -torch.inf), -1) @ v64
+    sdpa, eager = fastlinear._attend_sdpa(q, k, v, None, mask), fastlinear._attend_eager(q, k, v, None, mask)
+    assert sdpa.shape == eager.shape == (1, heads, T, 16)
+    what = f"eager causal attention of {T} queries after {start}, {heads}/{kv_heads} heads"
+    # the textbook float32 computation: a mask turned the wrong way, or a block over the wrong keys or rows, is
+    # off by far more than the rounding bound
+    k32, v32 = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    plain = torch.softmax((q @ k32.transpose(-1, -2) / 4).masked_fill(later, -torch.inf), -1) @ v32
+    tolerance.assert_close(sdpa, plain, exact, f"SDPA causal attention of {T} queries after {start}")
+    tolerance.assert_close(eager, plain, exact, what)
+
+
 def test_an_unknown_attention_formulation_is_an_error(monkeypatch, checkpoints):
     monkeypatch.setenv(fastlinear.ATTENTION_ENV, "flash")
     with pytest.raises(MinidamroError, match="MINIDAMRO_ATTENTION='flash'"):
@@ -146,11 +210,13 @@ def test_an_unknown_attention_formulation_is_an_error(monkeypatch, checkpoints):
 
 @pytest.mark.parametrize("name", ["auto", *fastlinear.ATTENTION_FORMS])
 def test_attention_choice_keeps_greedy_tokens_equal_to_transformers(name, monkeypatch, hf_checkpoints, checkpoints):
-    """auto measures once per (dtype, heads, kv heads, head_dim, threads) and picks sdpa or eager; forced or
-    measured, float32 greedy tokens (one row and two rows) equal transformers'."""
+    """auto measures once per (dtype, heads, kv heads, head_dim, threads) for prefills and once for decode steps,
+    and picks sdpa or eager for each; forced or measured, float32 greedy tokens (one row and two rows) equal
+    transformers'."""
     from transformers import LlavaForConditionalGeneration
     monkeypatch.setenv(fastlinear.ATTENTION_ENV, name)
     monkeypatch.setattr(fastlinear, "_chosen", {})
+    monkeypatch.setattr(fastlinear, "PREFILL_BLOCK", 16)  # an eager prefill of these prompts takes several blocks
     calls = []
     real = fastlinear.measure_attention
     monkeypatch.setattr(fastlinear, "measure_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
@@ -171,12 +237,13 @@ def test_attention_choice_keeps_greedy_tokens_equal_to_transformers(name, monkey
     with torch.inference_mode():
         features = model.encode_image(pixels)[0]
         assert greedy_rows(model, [(image_ids, features), (text_ids, features[:0])], n) == expected
-    chosen = {k: v for k, v in fastlinear._chosen.items() if k[0] == "attention"}
-    if name == "auto":
+    chosen = {k: v for k, v in fastlinear._chosen.items() if k[0] in ("attention", "prefill attention")}
+    if name == "auto":  # measured once for the prefills, once for the decode steps
         t = c.text
-        assert calls == [(torch.float32, t.num_attention_heads, t.num_key_value_heads, t.head_dim)]
-        assert list(chosen) == [("attention", torch.float32, t.num_attention_heads, t.num_key_value_heads,
-                                 t.head_dim, torch.get_num_threads())]
-        assert list(chosen.values())[0] in fastlinear.ATTENTION_FORMS
+        shape = (torch.float32, t.num_attention_heads, t.num_key_value_heads, t.head_dim)
+        p = fastlinear.PREFILL_POSITIONS
+        assert calls == [(*shape, p, p), shape]
+        assert sorted(chosen) == [(kind, *shape, torch.get_num_threads()) for kind in ("attention", "prefill attention")]
+        assert set(chosen.values()) <= set(fastlinear.ATTENTION_FORMS)
     else:
         assert calls == [] and chosen == {}
