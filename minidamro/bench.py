@@ -324,7 +324,8 @@ def worker(args):
                 "decode_runs_ms": [1e3 * d for d in decode], "tokens": tokens}
         if not args.worker.startswith("hf"):
             # What this process measured and chose (formulation per linear shape and row count, packing, the
-            # one-query attention form): the choices can differ between processes, and so can the figures.
+            # attention form of decode steps and of prefills): the choices can differ between processes, and so
+            # can the figures.
             from . import fastlinear
             res["chosen"] = fastlinear.chosen()
     res["mem_end"] = memory()

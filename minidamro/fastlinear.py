@@ -1,4 +1,4 @@
-"""y = x W^T (+ b) for the few rows of a decode step, in whichever exact formulation is fastest on this machine.
+"""y = x W^T (+ b) and the decoder's attention, in whichever exact formulation is fastest on this machine.
 
 Decoding a token reads every weight once, so its speed is the speed at which the matrix-vector kernel reads
 W, and that depends on the CPU, the BLAS build, the dtype, the shape and the number of rows. Measured on a
@@ -156,9 +156,9 @@ def packing_pays(w, rows: int | None = None) -> bool:
     decode step, one row (plain) and two rows (DAMRO, VCD), so it is packed only if packing is no slower for
     either (a choice made on one row alone left two-row steps on a slower kernel). rows = R: a layer that only
     ever sees whole images of R tokens (the vision tower, the projector), packed if oneDNN's GEMM on the packed
-    copy beats F.linear's at R rows: bfloat16 ViT-L shapes at 577 rows took 0.70-0.79x F.linear's time on the
-    Zen 5 machine (the same bits), float32 0.53-0.63x (MKL's sgemm runs there at half oneDNN's speed). Never
-    for other devices, or where oneDNN lacks the dtype (float16 needs AVX-512 FP16)."""
+    copy is no slower than F.linear's at R rows: bfloat16 ViT-L shapes at 577 rows took 0.70-0.79x F.linear's
+    time on the Zen 5 machine (the same bits), float32 0.53-0.63x (MKL's sgemm runs there at half oneDNN's
+    speed). Never for other devices, or where oneDNN lacks the dtype (float16 needs AVX-512 FP16)."""
     name = forced()
     if name not in (None, "packed") or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
@@ -253,7 +253,7 @@ def _attend_eager(q, k, v, scratch=None, mask=None):
     vc.copy_(v[0, :, None].expand_as(vc))
     k, v = kc.view(1, H, S, d), vc.view(1, H, S, d)
     if T == 1:
-        return eager_attention(q, k, v)[0]  # the probabilities are not kept
+        return eager_attention(q, k, v, mask)[0]  # the probabilities are not kept
     if mask is None:
         mask = causal_mask(S - T, T, q.dtype, q.device)
     out = torch.empty_like(q)
@@ -291,16 +291,22 @@ def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions
 
 def attention(q, k, v, scratch=None, mask=None):
     """softmax(q k^T / sqrt(d) + mask) v for T new queries, the cache's last T positions: q (1, H, T, d), k, v
-    (1, Hkv, S, d) -> (1, H, T, d). mask: None for a decode step (T = 1) or a prefill from position 0 (S = T,
-    causal), else the (T, S) causal mask (capture.causal_mask). SDPA or the eager formulation, whichever is
-    faster here for a decode step, resp. a prefill (CPU only; other devices take SDPA). scratch: room for the
-    eager form's contiguous k and v (2, >= H S d), reused across calls (KVCache.scratch)."""
+    (1, Hkv, S, d) -> (1, H, T, d). mask: the (T, S) causal mask (capture.causal_mask), or None: a decode step
+    (T = 1) sees every key, and T > 1 queries attend causally (the mask is built when they follow cached ones).
+    SDPA or the eager formulation, whichever is faster here for a decode step, resp. a prefill (CPU only; other
+    devices, and forwards that need gradients, take SDPA). scratch: room for the eager form's contiguous k and
+    v (2, >= H S d), reused across calls (KVCache.scratch)."""
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and 1 < T < S:  # new queries after cached ones: causal needs the explicit mask
+        mask = causal_mask(S - T, T, q.dtype, q.device)
     name = forced_attention()
-    if name is None:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        name = "sdpa"  # the eager form writes into a reused scratch, which autograd cannot follow
+    elif name is None:
         if q.device.type != "cpu":
             name = "sdpa"
         else:
-            decode = q.shape[2] == 1
+            decode = T == 1
             key = ("attention" if decode else "prefill attention", q.dtype, q.shape[1], k.shape[1], q.shape[-1],
                    torch.get_num_threads())
             if key not in _chosen:

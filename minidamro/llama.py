@@ -60,7 +60,8 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta, dtype)
         # One layer's keys and values copied contiguous (heads repeated for GQA), reused by every layer when a
-        # decode step takes the eager formulation (fastlinear.attention); never touched, so not resident, otherwise.
+        # decode step or a prefill takes the eager formulation (fastlinear.attention); otherwise never touched,
+        # so not resident.
         self.scratch = torch.empty(2, cfg.num_attention_heads * max_len * cfg.head_dim, device=device, dtype=dtype)
         self.length = 0
 

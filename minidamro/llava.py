@@ -224,9 +224,9 @@ def pack_linears(model: Llava, path: str, mapped: set):
     # Decide for every shape first, then read: the timings should not share two cores with reading a 14 GB
     # checkpoint and the page-cache reclaim it sets off (timed between reads, one 7B process left its 4096 x 4096
     # layers unpacked, and its DAMRO steps took 1.5x plain's).
-    pays = [fastlinear.packing_pays(m.weight, rows) for _, m, rows in layers]
-    for (name, m, _), pack in zip(layers, pays):
-        if pack:
+    decisions = [fastlinear.packing_pays(m.weight, rows) for _, m, rows in layers]
+    for (name, m, _), pays in zip(layers, decisions):
+        if pays:
             w = m.weight
             buf = torch.empty(w.numel() * w.element_size(), dtype=torch.uint8)
             with open(path, "rb") as f:

@@ -1,17 +1,17 @@
 """float16 and bfloat16 on the CPU, against transformers in the same dtype.
 
-In half precision the order of summation shows, so each path is compared with the HF path that runs the
-same operations: minidamro's fast path (SDPA) with HF's SDPA, its capturing path with HF's eager attention,
-and each pair must agree bit for bit (torch.equal). The fast path's attention, in a decode step and in a
+In half precision the order of summation shows, so each path is compared with the HF path that runs the same
+operations: minidamro's fast path (SDPA) with HF's SDPA, its capturing path with HF's eager attention, and
+each pair must agree bit for bit (torch.equal). The fast path's attention, in a decode step and in a
 prefill, may take either SDPA or the eager formulation (measured, minidamro.fastlinear.attention), so each
-test forces the one it compares. That is a claim about the operations, not about one CPU: both models run in one process, and torch picks a CPU kernel (BLAS / oneDNN routine, vector width,
-blocking, thread split) from the operation, dtype, shapes, strides, data alignment (torch's allocator's
-64 bytes for both here: the weights are converted on loading) and the machine, never from the caller. So
-the same operations on the same shapes give the same bits on any CPU, BLAS build, ATen capability or thread
-count (run under several of those: README, Tests). A float bound could not replace it here: on these
-tiny random models the bfloat16 rounding bound of the logits (tests/tolerance.py, about 0.1-0.25) is larger
-than most gaps between the two greatest logits, so equal greedy tokens are only a test of doing exactly
-what transformers does.
+test forces the one it compares. That is a claim about the operations, not about one CPU: both models run in
+one process, and torch picks a CPU kernel (BLAS / oneDNN routine, vector width, blocking, thread split) from
+the operation, dtype, shapes, strides, data alignment (torch's allocator's 64 bytes for both here: the
+weights are converted on loading) and the machine, never from the caller. So the same operations on the same
+shapes give the same bits on any CPU, BLAS build, ATen capability or thread count (run under several of
+those: README, Tests). A float bound could not replace it here: on these tiny random models the bfloat16
+rounding bound of the logits (tests/tolerance.py, about 0.1-0.25) is larger than most gaps between the two
+greatest logits, so equal greedy tokens are only a test of doing exactly what transformers does.
 
 Across the two paths the summation order differs, and the logits must agree within the rounding bound of
 tests/tolerance.py in the dtype checked (measured against transformers in float64), so a real error that

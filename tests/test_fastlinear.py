@@ -81,6 +81,7 @@ def test_auto_measures_once_per_shape_and_rows_and_picks_a_candidate(monkeypatch
         ("cpu", torch.float32, 64, 96, 2, False)]}  # what the benchmark records
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
 def test_image_layers_are_packed_by_their_speed_on_a_whole_image(monkeypatch, checkpoints):
     """The vision tower and the projector only ever see an image's tokens, so their packing is chosen by the GEMM
     at that many rows; the decoder's by decode steps (rows None: 1 and 2)."""
@@ -200,6 +201,23 @@ def test_both_attention_formulations_are_causal_prefill_attention_within_the_rou
     plain = torch.softmax((q @ k32.transpose(-1, -2) / 4).masked_fill(later, -torch.inf), -1) @ v32
     tolerance.assert_close(sdpa, plain, exact, f"SDPA causal attention of {T} queries after {start}")
     tolerance.assert_close(eager, plain, exact, what)
+    for name, y in (("sdpa", sdpa), ("eager", eager)):  # attention() builds the mask a later prefill needs
+        monkeypatch.setenv(fastlinear.ATTENTION_ENV, name)
+        assert torch.equal(fastlinear.attention(q, k, v), y)
+
+
+def test_attention_that_needs_gradients_takes_sdpa(monkeypatch):
+    """The eager form copies k and v into a reused scratch, which autograd cannot follow: with gradients
+    wanted, even a forced eager runs SDPA, and the gradients flow."""
+    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "eager")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 8, generator=g, requires_grad=True)
+    k, v = torch.randn(2, 1, 2, 6, 8, generator=g).unbind()
+    with torch.no_grad():  # as a KVCache's, made before the forward
+        scratch = torch.empty(2, 4 * 6 * 8)
+    y = fastlinear.attention(q, k, v, scratch)
+    y.sum().backward()
+    assert q.grad is not None and torch.equal(y.detach(), fastlinear._attend_sdpa(q.detach(), k, v))
 
 
 def test_an_unknown_attention_formulation_is_an_error(monkeypatch, checkpoints):

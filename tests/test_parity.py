@@ -229,7 +229,8 @@ def prompt_embeds(case):
 @pytest.mark.parametrize("path", ["eager-capture", "sdpa", "sdpa-empty-capture"])
 def test_full_sequence_logits(case, path, monkeypatch):
     """Logits over the whole prompt equal HF eager's on the hand-written (capturing) path, and HF SDPA's on
-    the fast SDPA path."""
+    the fast path (whose prefill attention is SDPA or the blocked eager form, as measured: within the bound
+    either way)."""
     model, L = case.model, len(case.ids)
     if path == "eager-capture":
         capture = Capture(llm_layers=tuple(range(model.cfg.text.num_hidden_layers)))
