@@ -167,28 +167,35 @@ def packing_pays(w, rows: int | None = None) -> bool:
     if name == "packed":
         return True
     key = ("packed", w.dtype, *w.shape) + (() if rows is None else (rows,))
-    if key not in _chosen:
-        n, k = w.shape  # scratch weights only: the real ones stay untouched (memory-mapped, not resident)
-        if rows is not None:  # a GEMM: compute-bound, one weight in cache is representative
-            x, scratch = torch.ones(rows, k, dtype=w.dtype), torch.ones(n, k, dtype=w.dtype)
-            p = pack(scratch)
-            t = {}
-            for _ in range(3):  # interleaved; the first pass warms both up
-                t["linear"] = _best_time(lambda: F.linear(x, scratch), 1, t.get("linear", math.inf))
-                t["packed"] = _best_time(lambda: _packed(x, p, None), 1, t.get("packed", math.inf))
-            _chosen[key] = t["packed"] <= t["linear"]
-            return _chosen[key]
-        pool_rows = min(n, POOL_BYTES // (k * w.element_size()))
-        copies = min(MAX_COPIES, math.ceil(POOL_BYTES / (pool_rows * k * w.element_size())))  # as measure's pool
-        pool = [pack(torch.ones(pool_rows, k, dtype=w.dtype)) for _ in range(copies)]
-        pays = True
-        for r in range(1, MAX_ROWS + 1):
-            eager = min(measure(torch.ones(pool_rows, k, dtype=w.dtype), r, False).values())
-            x = torch.ones(r, k, dtype=w.dtype)
-            packed = _best_time(lambda: [_packed(x, p, None) for p in pool], reps=2)
-            pays = pays and packed <= eager
-        _chosen[key] = pays
+    if key not in _chosen:  # timed on scratch weights: the real ones stay untouched (memory-mapped, not resident)
+        _chosen[key] = _packed_gemm_pays(w, rows) if rows is not None else _packed_decode_pays(w)
     return _chosen[key]
+
+
+def _packed_decode_pays(w) -> bool:
+    """Packed no slower than the fastest unpacked formulation for one row and for two, over a POOL_BYTES pool."""
+    n, k = w.shape
+    pool_rows = min(n, POOL_BYTES // (k * w.element_size()))
+    copies = min(MAX_COPIES, math.ceil(POOL_BYTES / (pool_rows * k * w.element_size())))  # as measure's pool
+    pool = [pack(torch.ones(pool_rows, k, dtype=w.dtype)) for _ in range(copies)]
+    for r in range(1, MAX_ROWS + 1):
+        eager = min(measure(torch.ones(pool_rows, k, dtype=w.dtype), r, False).values())
+        x = torch.ones(r, k, dtype=w.dtype)
+        if _best_time(lambda: [_packed(x, p, None) for p in pool], reps=2) > eager:
+            return False
+    return True
+
+
+def _packed_gemm_pays(w, rows: int) -> bool:
+    """Packed no slower than F.linear at `rows` rows: a GEMM, compute-bound, so one weight in cache is
+    representative. Three interleaved passes; the first warms both up."""
+    x, scratch = torch.ones(rows, w.shape[1], dtype=w.dtype), torch.ones(w.shape, dtype=w.dtype)
+    p = pack(scratch)
+    t = {}
+    for _ in range(3):
+        t["linear"] = _best_time(lambda: F.linear(x, scratch), 1, t.get("linear", math.inf))
+        t["packed"] = _best_time(lambda: _packed(x, p, None), 1, t.get("packed", math.inf))
+    return t["packed"] <= t["linear"]
 
 
 class Linear(nn.Linear):
@@ -230,8 +237,10 @@ PREFILL_BLOCK = 128      # query rows per block of the eager prefill (64-128 wer
 
 
 def _attend_sdpa(q, k, v, scratch=None, mask=None):
-    # mask None with several queries: a prefill from position 0 (S == T), plainly causal, as llama.py passes it
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+    # A prefill from position 0 (S == T) is plainly causal: is_causal, as transformers' SDPA path passes it, lets
+    # the fused kernel skip the key blocks above the diagonal (the same outputs as with the mask).
+    causal = 1 < q.shape[2] == k.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -242,8 +251,7 @@ def _attend_eager(q, k, v, scratch=None, mask=None):
     matters: a KVCache slice has its heads max_len positions apart, and torch's bfloat16 batched matmul over
     such strides took 1.7 ms per 7B layer for q k^T on the Zen 5 machine against 0.13 ms contiguous. And a
     reused scratch matters: fresh 5 MB copies per layer were page-faulted in again on most calls (0.7 -> 1-5 ms).
-    T > 1 queries (the cache's last T positions) attend causally, block by block (see above); mask: the
-    (T, S) causal mask, or None to build it."""
+    T > 1 queries (the cache's last T positions) attend causally under `mask`, block by block (see above)."""
     _, Hkv, S, d = k.shape
     H, T = q.shape[1], q.shape[2]
     if scratch is None:
@@ -254,8 +262,6 @@ def _attend_eager(q, k, v, scratch=None, mask=None):
     k, v = kc.view(1, H, S, d), vc.view(1, H, S, d)
     if T == 1:
         return eager_attention(q, k, v, mask)[0]  # the probabilities are not kept
-    if mask is None:
-        mask = causal_mask(S - T, T, q.dtype, q.device)
     out = torch.empty_like(q)
     for a in range(0, T, PREFILL_BLOCK):
         b = min(T, a + PREFILL_BLOCK)
@@ -280,25 +286,22 @@ def measure_attention(dtype, heads: int, kv_heads: int, head_dim: int, positions
     q = torch.ones(1, heads, queries, head_dim, dtype=dtype)  # the values do not change the speed
     k, v = torch.ones(2, 1, kv_heads, positions + 64, head_dim, dtype=dtype)[:, :, :, :positions]
     scratch = torch.zeros(2, heads * positions * head_dim, dtype=dtype)  # written: real pages, as a reused one
+    mask = causal_mask(positions - queries, queries, dtype) if queries > 1 else None
     for f in ATTEND.values():
-        f(q, k, v, scratch)
+        f(q, k, v, scratch, mask)
     best = {}
     for _ in range(reps):
         for name, f in ATTEND.items():
-            best[name] = _best_time(lambda: f(q, k, v, scratch), 1, best.get(name, math.inf))
+            best[name] = _best_time(lambda: f(q, k, v, scratch, mask), 1, best.get(name, math.inf))
     return best
 
 
 def attention(q, k, v, scratch=None, mask=None):
     """softmax(q k^T / sqrt(d) + mask) v for T new queries, the cache's last T positions: q (1, H, T, d), k, v
-    (1, Hkv, S, d) -> (1, H, T, d). mask: the (T, S) causal mask (capture.causal_mask), or None: a decode step
-    (T = 1) sees every key, and T > 1 queries attend causally (the mask is built when they follow cached ones).
-    SDPA or the eager formulation, whichever is faster here for a decode step, resp. a prefill (CPU only; other
+    (1, Hkv, S, d) -> (1, H, T, d). mask: the (T, S) causal mask (capture.causal_mask) when T > 1; None for a
+    decode step, which sees every key. SDPA or the eager formulation, whichever is faster here for a decode step, resp. a prefill (CPU only; other
     devices, and forwards that need gradients, take SDPA). scratch: room for the eager form's contiguous k and
     v (2, >= H S d), reused across calls (KVCache.scratch)."""
-    T, S = q.shape[2], k.shape[2]
-    if mask is None and 1 < T < S:  # new queries after cached ones: causal needs the explicit mask
-        mask = causal_mask(S - T, T, q.dtype, q.device)
     name = forced_attention()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         name = "sdpa"  # the eager form writes into a reused scratch, which autograd cannot follow
@@ -306,7 +309,7 @@ def attention(q, k, v, scratch=None, mask=None):
         if q.device.type != "cpu":
             name = "sdpa"
         else:
-            decode = T == 1
+            decode = q.shape[2] == 1
             key = ("attention" if decode else "prefill attention", q.dtype, q.shape[1], k.shape[1], q.shape[-1],
                    torch.get_num_threads())
             if key not in _chosen:

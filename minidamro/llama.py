@@ -168,14 +168,9 @@ class LlamaModel(nn.Module):
         for cache in caches:  # built once per forward, shared by every layer
             if cache.length + T > cache.max_len:
                 raise ValueError(f"the KV cache holds {cache.max_len} positions; {cache.length + T} needed")
-            # Causal mask over (T new queries, length + T keys). None where attention needs none: a single new
-            # token sees everything, and a prefill from position 0 is plainly causal (SDPA's is_causal, as
-            # transformers' SDPA path passes it, lets the fused kernel skip the blocks above the diagonal).
-            # Captured attention (eager) and a prefill that continues a cache need the explicit mask.
-            if T == 1 or (cache.length == 0 and capture is None):
-                masks.append(None)
-            else:
-                masks.append(causal_mask(cache.length, T, x.dtype, x.device))
+            # Causal mask over (T new queries, length + T keys); none for a single new token, which sees
+            # everything. (SDPA takes is_causal instead for a prefill from position 0: fastlinear.attention.)
+            masks.append(None if T == 1 else causal_mask(cache.length, T, x.dtype, x.device))
         for i, layer in enumerate(self.layers):
             x = layer(x, i, caches, masks, capture)
         for cache in caches:

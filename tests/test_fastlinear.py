@@ -178,16 +178,16 @@ def test_both_attention_formulations_are_one_query_attention_within_the_rounding
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (6, 3)])
 def test_both_attention_formulations_are_causal_prefill_attention_within_the_rounding_bound(heads, kv_heads, start,
                                                                                           monkeypatch):
-    """T = 37 new queries after `start` cached positions (0: a prefill from position 0, no mask passed; else the
-    explicit causal mask, as llama.py passes them). The eager form runs blocks of 8 query rows here (the last
-    one short), each over the keys up to its last row."""
+    """T = 37 new queries after `start` cached positions, with the causal mask llama.py passes (SDPA takes
+    is_causal instead from position 0). The eager form runs blocks of 8 query rows here (the last one short),
+    each over the keys up to its last row."""
     monkeypatch.setattr(fastlinear, "PREFILL_BLOCK", 8)
     g = torch.Generator().manual_seed(heads + kv_heads + start)
     T, S = 37, start + 37
     q = torch.randn(1, heads, T, 16, generator=g)
     buf = torch.randn(2, kv_heads, S + 13, 16, generator=g)  # a cache with room to spare, as a KVCache
     k, v = buf[0, :, :S][None], buf[1, :, :S][None]
-    mask = None if start == 0 else causal_mask(start, T, torch.float32)
+    mask = causal_mask(start, T, torch.float32)
     rep = heads // kv_heads
     k64, v64 = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
     later = torch.arange(S)[None] > torch.arange(start, S)[:, None]  # keys after each query's own position
@@ -201,9 +201,6 @@ def test_both_attention_formulations_are_causal_prefill_attention_within_the_rou
     plain = torch.softmax((q @ k32.transpose(-1, -2) / 4).masked_fill(later, -torch.inf), -1) @ v32
     tolerance.assert_close(sdpa, plain, exact, f"SDPA causal attention of {T} queries after {start}")
     tolerance.assert_close(eager, plain, exact, what)
-    for name, y in (("sdpa", sdpa), ("eager", eager)):  # attention() builds the mask a later prefill needs
-        monkeypatch.setenv(fastlinear.ATTENTION_ENV, name)
-        assert torch.equal(fastlinear.attention(q, k, v), y)
 
 
 def test_attention_that_needs_gradients_takes_sdpa(monkeypatch):
@@ -215,9 +212,10 @@ def test_attention_that_needs_gradients_takes_sdpa(monkeypatch):
     k, v = torch.randn(2, 1, 2, 6, 8, generator=g).unbind()
     with torch.no_grad():  # as a KVCache's, made before the forward
         scratch = torch.empty(2, 4 * 6 * 8)
-    y = fastlinear.attention(q, k, v, scratch)
+    mask = causal_mask(0, 6, torch.float32)
+    y = fastlinear.attention(q, k, v, scratch, mask)
     y.sum().backward()
-    assert q.grad is not None and torch.equal(y.detach(), fastlinear._attend_sdpa(q.detach(), k, v))
+    assert q.grad is not None and torch.equal(y.detach(), fastlinear._attend_sdpa(q.detach(), k, v, None, mask))
 
 
 def test_an_unknown_attention_formulation_is_an_error(monkeypatch, checkpoints):
