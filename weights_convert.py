@@ -16,11 +16,13 @@ import shutil
 import sys
 from contextlib import ExitStack
 
+from minidamro import MinidamroError, checkpoint  # first: it quiets torch's warning that numpy is absent
+
 import torch
 from safetensors import safe_open
 from sentencepiece import SentencePieceProcessor
 
-from minidamro import MinidamroError
+from minidamro.checkpoint import write_safetensors
 from minidamro.image import LLAVA_PREPROCESSOR
 from minidamro.llama import TextConfig
 from minidamro.llava import DTYPES, MODEL_TYPES, Llava, LlavaConfig, check_state_dict
@@ -41,7 +43,7 @@ PREFIXES = [
     ("model.image_newline", "image_newline"),  # NeXT; the other two layouts store it as `image_newline`
 ]
 BUFFERS = (".position_ids", ".inv_freq")  # saved by some versions, not weights
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = checkpoint.DTYPES
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # transformers' defaults for fields a config.json omits (the llava-hf one omits most of text_config).
@@ -255,26 +257,6 @@ def map_keys(handles: dict, cfg: LlavaConfig, tied: bool) -> tuple[dict, int]:
     return names, dropped
 
 
-def write_safetensors(path: str, names: dict, handles: dict, shapes: dict, dtype: torch.dtype):
-    """Write the header from the shapes first, then one tensor at a time: never the whole model in memory."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    code = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
-    for name in names:
-        size = dtype.itemsize * shapes[name].numel()
-        header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # pad so the data (and every tensor in it) starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for name, source in names.items():
-            t = handles[source].get_tensor(source).to(dtype).contiguous()
-            f.write(t.reshape(-1).view(torch.uint8).numpy())  # a view of t: no copy
-            del t
-    if os.path.getsize(path) != 8 + len(blob) + offset:
-        raise MinidamroError(f"{path} was not written completely")
-
-
 def convert(src: str, out: str, dtype: str | None = None, force: bool = False) -> None:
     if not os.path.isdir(src):
         raise MinidamroError(f"source directory {src} does not exist")
@@ -326,8 +308,8 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False) -
         tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
         try:
             os.makedirs(tmp)
-            write_safetensors(os.path.join(tmp, "model.safetensors"), names, handles,
-                              {n: t.shape for n, t in expected.items()}, target)
+            write_safetensors(os.path.join(tmp, "model.safetensors"), {n: t.shape for n, t in expected.items()},
+                              target, lambda n: handles[names[n]].get_tensor(names[n]))
             shutil.copyfile(sp_path, os.path.join(tmp, "tokenizer.model"))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)

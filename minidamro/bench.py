@@ -31,7 +31,7 @@ Greedy, in the checkpoint's dtype, torch.set_num_threads(--threads). Memory: VmR
 weights, so pages count only once touched: compare the peak at the end.
 
 Roofline: the memory read bandwidth is the best of a few simple kernels, each reading >= 1 GB per pass: a
-float32 sum, and every fastlinear formulation of x W^T (1 and 2 rows, float32 and bfloat16). A decode step
+float32 sum, and every kernels/linear.py formulation of x W^T (1 and 2 rows, float32 and bfloat16). A decode step
 must read every decoder layer's weights, the final norm, lm_head, one embedding row, and each stream's KV
 cache; that over the decode time, over the bandwidth, is the fraction of the limit an implementation reaches
 (two forwards per token read the weights twice). The CPU model, torch build, BLAS, CPU capability and the
@@ -151,7 +151,7 @@ def inputs(workdir: str):
     """Prompt ids (L,) with the image expanded, and float32 pixels (1, 3, S, S) of a synthetic image."""
     import torch
     from PIL import Image
-    from .image import preprocess
+    from .image import image_from_hwc, preprocess
     from .llava import read_config
     from .tokenizer import Tokenizer, build_prompt, prompt_ids
     cfg = read_config(os.path.join(workdir, "minidamro"))
@@ -161,7 +161,7 @@ def inputs(workdir: str):
     y, x = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
     noise = torch.randint(0, 40, (s, s), generator=torch.Generator().manual_seed(0))
     rgb = torch.stack([x * 255 // s, y * 255 // s, (x * y + noise) % 256], -1).to(torch.uint8)
-    return torch.tensor(ids), preprocess(Image.fromarray(rgb.numpy()), cfg.preprocessor)
+    return torch.tensor(ids), preprocess(image_from_hwc(rgb), cfg.preprocessor)
 
 
 def hf_runner(workdir: str, impl: str):
@@ -249,20 +249,20 @@ def md_runner(workdir: str, impl: str):
             t.append(time.perf_counter())
             tokens.append(tok)
         return t0, t, tokens
-    from .fastlinear import Linear
+    from .kernels.linear import Linear
     packed = sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
     return run, {"prompt_len": len(ids), "linear": os.environ.get("MINIDAMRO_LINEAR", "auto"), "packed_linears": packed}
 
 
 def bandwidth(spec: dict, pool: float, reps: int = 3) -> dict:
     """GB/s (1e9 B/s) that simple kernels read, each over >= `pool` bytes so nothing stays in cache, the best of
-    `reps` passes: a float32 sum, and every fastlinear formulation of x W^T for 1 and 2 rows, float32 and
+    `reps` passes: a float32 sum, and every kernels/linear.py formulation of x W^T for 1 and 2 rows, float32 and
     bfloat16, on the model's MLP up-projection shape (N = intermediate, K = hidden). Their best is the memory
-    read bandwidth the roofline uses. "chain": fastlinear (auto) over one decode step's linear layers in
+    read bandwidth the roofline uses. "chain": kernels/linear.py (auto) over one decode step's linear layers in
     order, in the model's dtype: what a step would cost with those kernels and nothing else (not at 7b: it
     would need a second copy of the weights)."""
     import torch
-    from . import fastlinear
+    from .kernels import linear
     out, best = {}, lambda f: min(timed(f) for _ in range(reps))  # noqa: E731
     x = torch.ones(math.ceil(pool / 4))
     out["sum float32"] = x.numel() * 4 / best(lambda: x.sum()) / 1e9
@@ -274,8 +274,8 @@ def bandwidth(spec: dict, pool: float, reps: int = 3) -> dict:
         ws = torch.full((copies, n, k), 0.01, dtype=dtype).unbind()  # written, so the pages are real
         for rows in (1, 2):
             xs = torch.ones(rows, k, dtype=dtype)
-            for name in fastlinear.candidates(rows):
-                f = fastlinear.FORMS[name]
+            for name in linear.candidates(rows):
+                f = linear.FORMS[name]
                 out[f"{name} {str(dtype)[6:]} {rows} row"] = copies * n * k * dtype.itemsize / best(
                     lambda: [f(xs, w, None) for w in ws]) / 1e9
         del ws
@@ -286,8 +286,8 @@ def bandwidth(spec: dict, pool: float, reps: int = 3) -> dict:
         ws = [torch.randn(s) for _ in range(t["num_hidden_layers"]) for s in shapes] + [torch.randn(v, d)]
         for rows in (1, 2):  # 2 rows: the floor of a batched DAMRO step, both streams in one read
             xs = {k: torch.randn(rows, k) for k in (d, i)}
-            step = lambda: [fastlinear.linear(xs[w.shape[1]], w) for w in ws]  # noqa: E731
-            step()  # fastlinear measures its choices here, once
+            step = lambda: [linear.linear(xs[w.shape[1]], w) for w in ws]  # noqa: E731
+            step()  # measured here, once per machine
             res["chain_ms"][rows] = 1e3 * best(step)
     return res
 
@@ -326,8 +326,8 @@ def worker(args):
             # What this process measured and chose (formulation per linear shape and row count, packing, the
             # attention form of decode steps and of prefills): the choices can differ between processes, and so
             # can the figures.
-            from . import fastlinear
-            res["chosen"] = fastlinear.chosen()
+            from .kernels import choices
+            res["chosen"], res["unavailable"] = choices.chosen(), choices.unavailable()
     res["mem_end"] = memory()
     with open(args.worker_out, "w") as f:
         json.dump(res, f)
@@ -457,6 +457,11 @@ def main():
                                     os.path.join(tempfile.gettempdir(), f"minidamro-bench-{size}"))
     if args.worker:
         return worker(args)
+    try:  # the reference everything is timed against, and the builder of the medium and quick checkpoints
+        import transformers  # noqa: F401
+    except ImportError:
+        sys.exit("error: the benchmark compares minidamro with transformers, which is not installed: "
+                 "pip install -r tests/requirements.txt")
     if args.tokens < 2:
         p.error("--tokens must be at least 2")
     # 7b: two forwards per token on transformers (hf_damro) and in minidamro (md_damro_2call) only double the
@@ -513,7 +518,7 @@ def main():
           f"+ the KV cache of ~{prompt + args.tokens // 2} positions): at most "
           f"{bw['memory_gbs'] * 1e9 / step_bytes(w, spec, prompt, args.tokens, [0]):.1f} tokens/s")
     if bw["chain_ms"]:
-        print(f"the linear layers alone (fastlinear): {bw['chain_ms']['1']:.1f} ms (1 row), "
+        print(f"the linear layers alone (kernels/linear.py): {bw['chain_ms']['1']:.1f} ms (1 row), "
               f"{bw['chain_ms']['2']:.1f} ms (2 rows)")
     for k, v in s.items():
         if k != "memory_gbs" and not k.endswith("fraction of the memory bandwidth"):

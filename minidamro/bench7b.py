@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .checkpoint import write_safetensors
+
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
               image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -74,18 +76,7 @@ def write_hf(out: str, image_token: int, dtype=torch.bfloat16):
     shapes = hf_shapes()
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf_config(image_token, str(dtype).removeprefix("torch.")), f, indent=2)
-    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        size = dtype.itemsize * torch.Size(shape).numel()
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
     path = os.path.join(out, "model.safetensors")
-    with open(path + ".tmp", "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for seed, (name, shape) in enumerate(shapes.items()):
-            t = random_tensor(name, shape, seed).to(dtype)
-            f.write(t.reshape(-1).view(torch.uint8).numpy())
+    seeds = {name: seed for seed, name in enumerate(shapes)}
+    write_safetensors(path + ".tmp", shapes, dtype, lambda name: random_tensor(name, shapes[name], seeds[name]))
     os.replace(path + ".tmp", path)

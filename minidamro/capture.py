@@ -3,7 +3,7 @@
 A caller builds a `Capture` naming the layers it wants and passes it to a forward. Only those layers
 compute attention probabilities by hand (matmul, float32 softmax, matmul, as transformers' eager path
 does); every other layer, and every forward called without a capture, stores nothing and takes SDPA or
-the eager formulation, whichever fastlinear.attention measured faster.
+the eager formulation, whichever kernels/attention.py measured faster.
 """
 from dataclasses import dataclass, field
 

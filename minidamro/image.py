@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import MinidamroError
+from .checkpoint import raw_bytes
 
 # llava-hf's preprocessor_config.json; a converted checkpoint carries its own copy.
 LLAVA_PREPROCESSOR = {
@@ -112,3 +113,9 @@ def clip_pixels(image: Image.Image, cfg: dict) -> torch.Tensor:
         std = torch.tensor(cfg["image_std"], dtype=torch.float32)[:, None, None]
         x = (x - mean) / std
     return x.contiguous()
+
+
+def image_from_hwc(rgb) -> Image.Image:
+    """A (height, width, 3) uint8 tensor as an RGB image, without numpy (Image.fromarray would need it)."""
+    h, w, _ = rgb.shape
+    return Image.frombytes("RGB", (w, h), bytes(raw_bytes(rgb.contiguous())))

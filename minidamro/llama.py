@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .capture import Capture, causal_mask, eager_attention
-from .fastlinear import Linear, attention
+from .kernels.attention import attention
+from .kernels.linear import Linear
 
 
 @dataclass
@@ -60,7 +61,7 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta, dtype)
         # One layer's keys and values copied contiguous (heads repeated for GQA), reused by every layer when a
-        # decode step or a prefill takes the eager formulation (fastlinear.attention); otherwise never touched,
+        # decode step or a prefill takes the eager formulation (kernels.attention); otherwise never touched,
         # so not resident.
         self.scratch = torch.empty(2, cfg.num_attention_heads * max_len * cfg.head_dim, device=device, dtype=dtype)
         self.length = 0
@@ -169,7 +170,7 @@ class LlamaModel(nn.Module):
             if cache.length + T > cache.max_len:
                 raise ValueError(f"the KV cache holds {cache.max_len} positions; {cache.length + T} needed")
             # Causal mask over (T new queries, length + T keys); none for a single new token, which sees
-            # everything. (SDPA takes is_causal instead for a prefill from position 0: fastlinear.attention.)
+            # everything. (SDPA takes is_causal instead for a prefill from position 0: kernels/attention.py.)
             masks.append(None if T == 1 else causal_mask(cache.length, T, x.dtype, x.device))
         for i, layer in enumerate(self.layers):
             x = layer(x, i, caches, masks, capture)

@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import MinidamroError, anyres, fastlinear
+from . import MinidamroError, anyres
+from .checkpoint import read_into, read_safetensors
+from .kernels import attention, choices, cpu, linear
 from .capture import Capture
 from .llama import LlamaModel, TextConfig
 from .vision import CLIPVisionTower, VisionConfig, hidden_state_index
@@ -66,8 +68,8 @@ class LlavaConfig:
 class LlavaMultiModalProjector(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
-        self.linear_1 = fastlinear.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
-        self.linear_2 = fastlinear.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+        self.linear_1 = linear.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.linear_2 = linear.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
 
     def forward(self, x):
         # Exact erf GELU here (LLaVA trained the projector), unlike the ViT's quick_gelu.
@@ -81,7 +83,7 @@ class Llava(nn.Module):
         self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_feature_layer)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
         self.language_model = LlamaModel(cfg.text)
-        self.lm_head = fastlinear.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = linear.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.model_type == "llava_next":  # follows every row of NeXT's tile grid (anyres.pack)
             self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
 
@@ -145,40 +147,6 @@ def read_config(model_dir: str) -> LlavaConfig:
     return cfg
 
 
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """Memory-map a safetensors file: the tensors are views of the file's pages, not copies.
-
-    The format is 8 bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
-    raw little-endian data. torch.UntypedStorage.from_file maps the file privately (copy-on-write), so
-    pages are read from disk only when touched and never written back.
-    """
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= size - 8:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = dtypes[info["dtype"]]
-            begin, end = info["data_offsets"]
-            numel = 1
-            for s in info["shape"]:
-                numel *= s
-            start = 8 + n + begin
-            if end - begin != numel * dtype.itemsize or 8 + n + end > size or start % dtype.itemsize:
-                raise ValueError(f"tensor {name} does not fit the file")
-            out[name] = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, info["shape"])
-        return out
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise MinidamroError(f"cannot read weights {path}: {e}") from None
-
-
 def check_state_dict(expected: dict, got: dict, where: str):
     """Strict loading: every key present, none extra, every shape equal. Names the offenders."""
     missing = sorted(set(expected) - set(got))
@@ -194,11 +162,18 @@ def check_state_dict(expected: dict, got: dict, where: str):
         raise MinidamroError(f"{where}: " + "; ".join(problems))
 
 
+def check_kernel_settings():
+    """Every MINIDAMRO_* setting the kernels read, checked once: a wrong value is one clear error."""
+    linear.forced()
+    attention.forced_attention()
+    choices.reference()
+    cpu.profile()
+
+
 def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
     """Build the model on the meta device and assign the memory-mapped weights: no second copy on the CPU
     when the stored dtype is the one asked for (otherwise each tensor is converted once)."""
-    fastlinear.forced()  # a wrong MINIDAMRO_LINEAR is an error now, not at the first token
-    fastlinear.forced_attention()  # and so is a wrong MINIDAMRO_ATTENTION
+    check_kernel_settings()  # a wrong MINIDAMRO_* setting is an error now, not at the first token
     cfg = read_config(model_dir)
     dtype = DTYPES[dtype or cfg.torch_dtype]
     with torch.device("meta"):
@@ -213,24 +188,21 @@ def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
 
 
 def pack_linears(model: Llava, path: str, mapped: set):
-    """Give each linear layer whose weight is still a view of the file a oneDNN-packed copy where fastlinear
+    """Give each linear layer whose weight is still a view of the file a oneDNN-packed copy where kernels/linear.py
     finds that faster: decoder layers (and lm_head) for decode steps, the vision tower's and the projector's for
     a whole image's tokens, the only input they see. The copy is packed from the file's bytes read into a
     temporary buffer (page cache, not this process's memory), so the mapped original is never touched and costs
     no memory."""
     tokens = model.cfg.vision.num_patches + 1  # the ViT's rows per image (the projector's: one fewer)
     layers = [(name, m, tokens if name.startswith(("vision_tower.", "multi_modal_projector.")) else None)
-              for name, m in model.named_modules() if isinstance(m, fastlinear.Linear) and name + ".weight" in mapped]
+              for name, m in model.named_modules() if isinstance(m, linear.Linear) and name + ".weight" in mapped]
     # Decide for every shape first, then read: the timings should not share two cores with reading a 14 GB
     # checkpoint and the page-cache reclaim it sets off (timed between reads, one 7B process left its 4096 x 4096
     # layers unpacked, and its DAMRO steps took 1.5x plain's).
-    decisions = [fastlinear.packing_pays(m.weight, rows) for _, m, rows in layers]
+    decisions = [linear.packing_pays(m.weight, rows) for _, m, rows in layers]
     for (name, m, _), pays in zip(layers, decisions):
         if pays:
             w = m.weight
-            buf = torch.empty(w.numel() * w.element_size(), dtype=torch.uint8)
-            with open(path, "rb") as f:
-                f.seek(w.storage_offset() * w.element_size())  # the mapping starts at byte 0 of the file
-                if f.readinto(buf.numpy()) != len(buf):
-                    raise MinidamroError(f"cannot read weights {path}: {name} is cut short")
-            m.packed = fastlinear.pack(buf.view(w.dtype).view(w.shape))
+            buf = torch.empty(w.shape, dtype=w.dtype)
+            read_into(path, w.storage_offset() * w.element_size(), buf)  # the mapping starts at byte 0 of the file
+            m.packed = linear.pack(buf)

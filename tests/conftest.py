@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -8,6 +9,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tiny  # noqa: E402
 import torch  # noqa: E402
+
+# Kernel decisions go to a cache file of this run's own (minidamro/kernels/choices.py), never the user's, and
+# every subprocess a test starts shares it.
+os.environ["MINIDAMRO_CHOICES"] = os.path.join(tempfile.mkdtemp(prefix="minidamro-test-choices-"), "choices.json")
 
 # The test models are tiny: one thread is fastest, and several threads spin badly on a busy 2-core machine.
 # MINIDAMRO_TEST_THREADS=n runs the suite on n threads instead (the float bounds must hold on any count).
@@ -57,3 +62,13 @@ def next_checkpoints(tmp_path_factory, next_hf_checkpoints):
         out[name] = str(root / name)
         weights_convert.convert(src, out[name])
     return out
+
+
+@pytest.fixture
+def fresh_choices(tmp_path, monkeypatch):
+    """No kernel decisions yet, in this process or in the cache file (a new one in tmp_path)."""
+    from minidamro.kernels import choices
+    monkeypatch.setenv(choices.CACHE_ENV, str(tmp_path / "choices.json"))
+    choices.forget()
+    yield tmp_path / "choices.json"
+    choices.forget()

@@ -1,10 +1,11 @@
-"""float16 and bfloat16 on the CPU, against transformers in the same dtype.
+"""Reference mode in float32, float16 and bfloat16 on the CPU, against transformers in the same dtype.
 
 In half precision the order of summation shows, so each path is compared with the HF path that runs the same
 operations: minidamro's fast path (SDPA) with HF's SDPA, its capturing path with HF's eager attention, and
-each pair must agree bit for bit (torch.equal). The fast path's attention, in a decode step and in a
-prefill, may take either SDPA or the eager formulation (measured, minidamro.fastlinear.attention), so each
-test forces the one it compares. That is a claim about the operations, not about one CPU: both models run in
+each pair must agree bit for bit (torch.equal). That is what reference mode (MINIDAMRO_REFERENCE=1,
+minidamro/kernels/choices.py) promises: F.linear on every weight (no packed copy, no float32 GEMM for
+half-precision weights) and SDPA, unless MINIDAMRO_ATTENTION forces the eager form, which each test does where
+it compares with HF eager. The same holds in float32. That is a claim about the operations, not about one CPU: both models run in
 one process, and torch picks a CPU kernel (BLAS / oneDNN routine, vector width, blocking, thread split) from
 the operation, dtype, shapes, strides, data alignment (torch's allocator's 64 bytes for both here: the
 weights are converted on loading) and the machine, never from the caller. So the same operations on the same
@@ -17,7 +18,7 @@ Across the two paths the summation order differs, and the logits must agree with
 tests/tolerance.py in the dtype checked (measured against transformers in float64), so a real error that
 happened to be small in float32 would still have to stay within it. So must the fast path's prefill with the
 eager formulation forced and HF eager: it computes the same sums, but on blocks of query rows, so the BLAS sees
-other shapes than HF's and need not round alike (its float32 bound is checked in test_fastlinear.py).
+other shapes than HF's and need not round alike (its float32 bound is checked in test_kernels.py).
 """
 import random
 
@@ -27,13 +28,14 @@ from PIL import Image
 
 import tiny
 import tolerance
-from minidamro import damro, fastlinear, generation
+from minidamro import damro, generation
+from minidamro.kernels import attention as kattention, choices
 from minidamro.capture import Capture
 from minidamro.image import preprocess
 from minidamro.llama import KVCache
 from minidamro.llava import load_model
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,9 @@ def setups(hf_checkpoints, checkpoints):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", tiny.CONFIGS)
-def test_half_precision_matches_transformers(name, dtype, setups, monkeypatch):
-    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "sdpa")  # the fast path's prefill as HF SDPA's (see above)
+def test_reference_mode_matches_transformers(name, dtype, setups, monkeypatch):
+    monkeypatch.setenv(choices.REFERENCE_ENV, "1")
+    monkeypatch.setenv(kattention.ATTENTION_ENV, "sdpa")  # the fast path's prefill as HF SDPA's (see above)
     hf, model, ids, pixels = setups(name, dtype)
     assert all(p.dtype == DTYPES[dtype] for p in model.parameters())
     with torch.no_grad():
@@ -82,8 +85,8 @@ def test_half_precision_matches_transformers(name, dtype, setups, monkeypatch):
     tolerance.assert_close(logits["eager"], logits["sdpa"], exact, f"{dtype} logits, eager vs SDPA path",
                            dtype=DTYPES[dtype])
     # The fast path with the eager formulation's blocked prefill: HF eager's sums, on other shapes (see above).
-    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "eager")
-    monkeypatch.setattr(fastlinear, "PREFILL_BLOCK", 16)  # several blocks, the last one short, on this prompt
+    monkeypatch.setenv(kattention.ATTENTION_ENV, "eager")
+    monkeypatch.setattr(kattention, "PREFILL_BLOCK", 16)  # several blocks, the last one short, on this prompt
     assert len(ids) % 16 != 0 and len(ids) > 32
     cache = KVCache(model.cfg.text, len(ids), dtype=DTYPES[dtype])
     blocks = model.logits(model.language_model(model.embed(ids, model.encode_image(pixels)[0]), [cache]))
@@ -93,9 +96,9 @@ def test_half_precision_matches_transformers(name, dtype, setups, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", tiny.CONFIGS)
-def test_half_precision_greedy_tokens_match_transformers(name, dtype, setups, monkeypatch):
-    """The fast path with SDPA forced for decode steps too (whatever auto would measure) against HF SDPA."""
-    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "sdpa")
+def test_reference_mode_greedy_tokens_match_transformers(name, dtype, setups, monkeypatch):
+    """The fast path in reference mode (SDPA for decode steps too) against HF SDPA."""
+    monkeypatch.setenv(choices.REFERENCE_ENV, "1")
     hf, model, ids, pixels = setups(name, dtype)
     with torch.no_grad():
         expected = hf["sdpa"].generate(input_ids=ids[None], pixel_values=pixels, do_sample=False,
@@ -103,12 +106,13 @@ def test_half_precision_greedy_tokens_match_transformers(name, dtype, setups, mo
     assert list(generation.generate(model, ids, pixels, generation.Sampler(), 20)) == expected
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float32: the logits above, the tokens in test_parity.py
 @pytest.mark.parametrize("name", tiny.CONFIGS)
-def test_half_precision_eager_decode_steps_match_transformers_eager(name, dtype, setups, monkeypatch):
+def test_reference_mode_eager_decode_steps_match_transformers_eager(name, dtype, setups, monkeypatch):
     """Decode steps of the fast path with the eager formulation forced, bit for bit against HF eager's: the
     prompt goes through the capturing path (eager, as HF eager's prefill), then each step captures nothing."""
-    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "eager")
+    monkeypatch.setenv(choices.REFERENCE_ENV, "1")
+    monkeypatch.setenv(kattention.ATTENTION_ENV, "eager")
     hf, model, ids, pixels = setups(name, dtype)
     n = 12
     with torch.no_grad():

@@ -241,7 +241,7 @@ def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint
         b = generation.prefill(loaded, loaded.embed(ids, loaded.encode_image(pixels)[0]),
                                generation.new_cache(loaded, len(ids)))
     # Same weights and operations, summed in other orders: the training forward takes SDPA and F.linear, the
-    # loaded model whatever fastlinear measured (SDPA or the blocked eager prefill, F.linear or oneDNN-packed
+    # loaded model whatever minidamro.kernels measured (SDPA or the blocked eager prefill, F.linear or oneDNN-packed
     # weights): each of the layers' width-long dot products can move by ~width ulps of the magnitude it sums.
     tol = (tc.llm[0] + tc.vit[0]) * tc.llm[1] * torch.finfo(torch.float32).eps * (1 + float(b.abs().max()))
     assert float((a - b).abs().max()) <= tol and int(a.argmax()) == int(b.argmax())

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .. import methods
 from ..anyres import model_pixels
-from ..image import load_image
+from ..image import image_from_hwc, load_image
 from ..llava import load_model
 from ..tokenizer import LLAVA_V1_SYSTEM, Tokenizer
 from .data import POPE_SUFFIX
@@ -39,7 +39,7 @@ def make_images(d: str, n: int) -> list[str]:
         noise = torch.randint(0, 60, (h, w), generator=g)
         rgb = torch.stack([(x * (i + 1)) % 256, (y * 3 + i * 40) % 256, (x + y + noise) % 256], -1).to(torch.uint8)
         paths.append(os.path.join(d, f"COCO_val2014_{i:012d}.jpg"))
-        Image.fromarray(rgb.numpy()).save(paths[-1], quality=90)
+        image_from_hwc(rgb).save(paths[-1], quality=90)
     return paths
 
 

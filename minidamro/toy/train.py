@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import write_safetensors
 from ..image import preprocess
 from ..llama import apply_rope, rope_cos_sin
 from ..llava import Llava, LlavaConfig, check_state_dict
@@ -367,7 +368,6 @@ def train(tc: TrainConfig, workdir: str, log=sys.stderr, after_stage=None):
 def save_checkpoint(model: Llava, tok_file: str, out: str, dtype=torch.float32, extra: dict | None = None):
     """Write a normal minidamro checkpoint (config.json, model.safetensors, tokenizer.model) into `out`,
     through a temporary directory renamed into place (never half-written)."""
-    from safetensors.torch import save_file
     cfg = model.cfg
     cfg.torch_dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
@@ -377,7 +377,8 @@ def save_checkpoint(model: Llava, tok_file: str, out: str, dtype=torch.float32, 
     tmp = tempfile.mkdtemp(prefix=".toy-", dir=parent)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for secrets; a checkpoint is shared like any directory
-        save_file(state, os.path.join(tmp, "model.safetensors"))
+        write_safetensors(os.path.join(tmp, "model.safetensors"), {k: v.shape for k, v in state.items()}, dtype,
+                          state.__getitem__)
         shutil.copyfile(tok_file, os.path.join(tmp, "tokenizer.model"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_dict() | ({"toy": extra} if extra else {}), f, indent=2)

@@ -1,6 +1,7 @@
-"""minidamro.fastlinear: every formulation of x W^T (+ b) is the same sum, and forcing any of them keeps the
-model's greedy tokens equal to transformers' for one row (plain decoding) and two rows (two streams decoded
-together, as DAMRO and VCD do)."""
+"""minidamro.kernels: every formulation of x W^T (+ b) and of attention is the same sum, and forcing any of them
+keeps the model's greedy tokens equal to transformers' for one row (plain decoding) and two rows (two streams
+decoded together, as DAMRO and VCD do). The choices' cache file, reference mode and CPU profiles:
+test_cpu_profiles.py."""
 import copy
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 import tiny
 import tolerance
-from minidamro import MinidamroError, fastlinear
+from minidamro import MinidamroError
+from minidamro.kernels import attention as kattention, choices, linear as klinear
 from minidamro.capture import causal_mask, eager_attention
 from minidamro.generation import Sampler, generate
 from minidamro.image import preprocess
@@ -19,14 +21,14 @@ from test_damro import random_image
 
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("name", fastlinear.FORMS)
+@pytest.mark.parametrize("name", klinear.FORMS)
 def test_each_formulation_is_x_wt_within_the_float32_dot_product_bound(name, bias, rows, monkeypatch):
-    monkeypatch.setenv(fastlinear.ENV, name)
+    monkeypatch.setenv(klinear.ENV, name)
     g = torch.Generator().manual_seed(rows + 2 * bias)
     n, k = 300, 1000
     x, w = torch.randn(1, rows, k, generator=g), torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    y = fastlinear.linear(x, w, b)
+    y = klinear.linear(x, w, b)
     assert y.shape == (1, rows, n) and y.dtype == torch.float32
     ref = x.double() @ w.double().T + (0 if b is None else b.double())
     # Whatever the order of summation (blocked, FMA or not), a float32 sum of K products plus a bias has
@@ -43,7 +45,7 @@ def test_each_formulation_is_x_wt_within_the_float32_dot_product_bound(name, bia
 def test_the_packed_copy_is_x_wt_within_the_float32_dot_product_bound(rows):
     g = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 1000, generator=g), torch.randn(300, 1000, generator=g), torch.randn(300, generator=g)
-    y = fastlinear._packed(x, fastlinear.pack(w), b)
+    y = klinear._packed(x, klinear.pack(w), b)
     ref = x.double() @ w.double().T + b.double()
     u, m = 2.0 ** -24, 1000 + 1  # as above: gamma_{K+1} (sum |x_i w_i| + |b|)
     bound = m * u / (1 - m * u) * (x.double().abs() @ w.double().abs().T + b.double().abs())
@@ -52,8 +54,8 @@ def test_the_packed_copy_is_x_wt_within_the_float32_dot_product_bound(rows):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
 def test_a_copy_of_a_packed_layer_computes_from_its_own_weight():
-    layer = fastlinear.Linear(64, 32).requires_grad_(False)
-    layer.packed = fastlinear.pack(layer.weight)
+    layer = klinear.Linear(64, 32).requires_grad_(False)
+    layer.packed = klinear.pack(layer.weight)
     twin = copy.deepcopy(layer)  # what the parity tests do before mutating or converting a model
     assert twin.packed is None and layer.packed is not None
     twin.weight[0] += 1
@@ -62,48 +64,47 @@ def test_a_copy_of_a_packed_layer_computes_from_its_own_weight():
     assert not torch.allclose(layer(x), twin(x))
 
 
-def test_auto_measures_once_per_shape_and_rows_and_picks_a_candidate(monkeypatch):
-    monkeypatch.delenv(fastlinear.ENV, raising=False)
-    monkeypatch.setattr(fastlinear, "_chosen", {})
+def test_auto_measures_once_per_shape_and_rows_and_picks_a_candidate(monkeypatch, fresh_choices):
+    monkeypatch.delenv(klinear.ENV, raising=False)
     calls = []
-    real = fastlinear.measure
-    monkeypatch.setattr(fastlinear, "measure", lambda *a, **kw: calls.append(a[1:]) or real(*a, **kw))
+    real = klinear.measure
+    monkeypatch.setattr(klinear, "measure", lambda *a, **kw: calls.append(a[1:]) or real(*a, **kw))
     w, x = torch.randn(64, 96), torch.randn(2, 96)
     for _ in range(3):
-        assert torch.allclose(fastlinear.linear(x[:1], w), x[:1] @ w.T, rtol=1e-5, atol=1e-5)
-        fastlinear.linear(x, w)
-    fastlinear.linear(torch.randn(7, 96), w)  # prefill-sized: F.linear, nothing measured
+        assert torch.allclose(klinear.linear(x[:1], w), x[:1] @ w.T, rtol=1e-5, atol=1e-5)
+        klinear.linear(x, w)
+    klinear.linear(torch.randn(7, 96), w)  # prefill-sized: F.linear, nothing measured
     assert calls == [(1, False), (2, False)]
-    assert fastlinear._chosen[("cpu", torch.float32, 64, 96, 1, False)] in fastlinear.candidates(1)
-    assert fastlinear._chosen[("cpu", torch.float32, 64, 96, 2, False)] in ("linear", "matmul")
-    assert fastlinear.chosen() == {"cpu torch.float32 64 96 1 False": fastlinear._chosen[
-        ("cpu", torch.float32, 64, 96, 1, False)], "cpu torch.float32 64 96 2 False": fastlinear._chosen[
-        ("cpu", torch.float32, 64, 96, 2, False)]}  # what the benchmark records
+    threads = f"threads={torch.get_num_threads()}"
+    made = choices.chosen()  # what the benchmark records
+    assert sorted(made) == [f"linear cpu torch.float32 64 96 {r} False {threads}" for r in (1, 2)]
+    assert made[f"linear cpu torch.float32 64 96 1 False {threads}"] in klinear.candidates(1)
+    assert made[f"linear cpu torch.float32 64 96 2 False {threads}"] in ("linear", "matmul")
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
-def test_image_layers_are_packed_by_their_speed_on_a_whole_image(monkeypatch, checkpoints):
+def test_image_layers_are_packed_by_their_speed_on_a_whole_image(monkeypatch, checkpoints, fresh_choices):
     """The vision tower and the projector only ever see an image's tokens, so their packing is chosen by the GEMM
     at that many rows; the decoder's by decode steps (rows None: 1 and 2)."""
-    monkeypatch.delenv(fastlinear.ENV, raising=False)
-    monkeypatch.setattr(fastlinear, "_chosen", {})
+    monkeypatch.delenv(klinear.ENV, raising=False)
     asked = []
-    real = fastlinear.packing_pays
-    monkeypatch.setattr(fastlinear, "packing_pays", lambda w, rows=None: asked.append(rows) or real(w, rows))
+    real = klinear.packing_pays
+    monkeypatch.setattr(klinear, "packing_pays", lambda w, rows=None: asked.append(rows) or real(w, rows))
     model = load_model(checkpoints["mha"])
-    image = [n for n, m in model.named_modules() if isinstance(m, fastlinear.Linear)
+    image = [n for n, m in model.named_modules() if isinstance(m, klinear.Linear)
              and n.startswith(("vision_tower.", "multi_modal_projector."))]
     assert len(image) == 6 * len(model.vision_tower.encoder.layers) + 2
     tokens = model.cfg.vision.num_patches + 1
     assert asked == [tokens] * len(image) + [None] * (7 * model.cfg.text.num_hidden_layers + 1)
-    for key, pays in fastlinear._chosen.items():  # one decision per (dtype, N, K[, rows]), a bool
-        assert key[0] == "packed" and isinstance(pays, bool)
+    made = choices.chosen()
+    for key, pays in made.items():  # one decision per (dtype, N, K[, rows]), a bool
+        assert key.startswith("packed ") and isinstance(pays, bool)
     v = model.cfg.vision
-    assert ("packed", torch.float32, v.intermediate_size, v.hidden_size, tokens) in fastlinear._chosen
+    assert f"packed torch.float32 {v.intermediate_size} {v.hidden_size} {tokens} threads={torch.get_num_threads()}" in made
 
 
 def test_an_unknown_formulation_is_an_error(monkeypatch, checkpoints):
-    monkeypatch.setenv(fastlinear.ENV, "gemv")
+    monkeypatch.setenv(klinear.ENV, "gemv")
     with pytest.raises(MinidamroError, match="MINIDAMRO_LINEAR='gemv'"):
         load_model(checkpoints["mha"])
 
@@ -122,14 +123,14 @@ def greedy_rows(model, streams, n):
     return [list(t) for t in zip(*out)]
 
 
-@pytest.mark.parametrize("name", ["auto", *fastlinear.NAMES])
+@pytest.mark.parametrize("name", ["auto", *klinear.NAMES])
 def test_forced_formulations_keep_greedy_tokens_equal_to_transformers(name, monkeypatch, hf_checkpoints, checkpoints):
     from transformers import LlavaForConditionalGeneration
-    monkeypatch.setenv(fastlinear.ENV, name)
+    monkeypatch.setenv(klinear.ENV, name)
     n = 16
     hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoints["gqa"], dtype=torch.float32).eval()
     model = load_model(checkpoints["gqa"])
-    linears = [m for m in model.modules() if isinstance(m, fastlinear.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, klinear.Linear)]
     # every LLaMA linear and lm_head, every linear of the ViT layers LLaVA reads, the projector's two
     assert len(linears) == 7 * model.cfg.text.num_hidden_layers + 1 + 6 * len(model.vision_tower.encoder.layers) + 2
     if name == "packed":  # oneDNN on a packed copy, for prefill and decode alike
@@ -165,7 +166,7 @@ def test_both_attention_formulations_are_one_query_attention_within_the_rounding
     rep = heads // kv_heads
     k64, v64 = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
     exact = torch.softmax(q.double() @ k64.transpose(-1, -2) / 4, -1) @ v64
-    sdpa, eager = fastlinear._attend_sdpa(q, k, v), fastlinear._attend_eager(q, k, v)
+    sdpa, eager = kattention._attend_sdpa(q, k, v), kattention._attend_eager(q, k, v)
     assert sdpa.shape == eager.shape == (1, heads, 1, 16)
     # two summation orders of one computation: within the bound of tests/tolerance.py (C x SDPA's measured
     # rounding error + 2u|y*|); a wrong scale, head mapping or softmax axis is off by far more
@@ -181,7 +182,7 @@ def test_both_attention_formulations_are_causal_prefill_attention_within_the_rou
     """T = 37 new queries after `start` cached positions, with the causal mask llama.py passes (SDPA takes
     is_causal instead from position 0). The eager form runs blocks of 8 query rows here (the last one short),
     each over the keys up to its last row."""
-    monkeypatch.setattr(fastlinear, "PREFILL_BLOCK", 8)
+    monkeypatch.setattr(kattention, "PREFILL_BLOCK", 8)
     g = torch.Generator().manual_seed(heads + kv_heads + start)
     T, S = 37, start + 37
     q = torch.randn(1, heads, T, 16, generator=g)
@@ -192,7 +193,7 @@ def test_both_attention_formulations_are_causal_prefill_attention_within_the_rou
     k64, v64 = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
     later = torch.arange(S)[None] > torch.arange(start, S)[:, None]  # keys after each query's own position
     exact = torch.softmax((q.double() @ k64.transpose(-1, -2) / 4).masked_fill(later, -torch.inf), -1) @ v64
-    sdpa, eager = fastlinear._attend_sdpa(q, k, v, None, mask), fastlinear._attend_eager(q, k, v, None, mask)
+    sdpa, eager = kattention._attend_sdpa(q, k, v, None, mask), kattention._attend_eager(q, k, v, None, mask)
     assert sdpa.shape == eager.shape == (1, heads, T, 16)
     what = f"eager causal attention of {T} queries after {start}, {heads}/{kv_heads} heads"
     # the textbook float32 computation: a mask turned the wrong way, or a block over the wrong keys or rows, is
@@ -206,36 +207,36 @@ def test_both_attention_formulations_are_causal_prefill_attention_within_the_rou
 def test_attention_that_needs_gradients_takes_sdpa(monkeypatch):
     """The eager form copies k and v into a reused scratch, which autograd cannot follow: with gradients
     wanted, even a forced eager runs SDPA, and the gradients flow."""
-    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "eager")
+    monkeypatch.setenv(kattention.ATTENTION_ENV, "eager")
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 6, 8, generator=g, requires_grad=True)
     k, v = torch.randn(2, 1, 2, 6, 8, generator=g).unbind()
     with torch.no_grad():  # as a KVCache's, made before the forward
         scratch = torch.empty(2, 4 * 6 * 8)
     mask = causal_mask(0, 6, torch.float32)
-    y = fastlinear.attention(q, k, v, scratch, mask)
+    y = kattention.attention(q, k, v, scratch, mask)
     y.sum().backward()
-    assert q.grad is not None and torch.equal(y.detach(), fastlinear._attend_sdpa(q.detach(), k, v, None, mask))
+    assert q.grad is not None and torch.equal(y.detach(), kattention._attend_sdpa(q.detach(), k, v, None, mask))
 
 
 def test_an_unknown_attention_formulation_is_an_error(monkeypatch, checkpoints):
-    monkeypatch.setenv(fastlinear.ATTENTION_ENV, "flash")
+    monkeypatch.setenv(kattention.ATTENTION_ENV, "flash")
     with pytest.raises(MinidamroError, match="MINIDAMRO_ATTENTION='flash'"):
         load_model(checkpoints["mha"])
 
 
-@pytest.mark.parametrize("name", ["auto", *fastlinear.ATTENTION_FORMS])
-def test_attention_choice_keeps_greedy_tokens_equal_to_transformers(name, monkeypatch, hf_checkpoints, checkpoints):
+@pytest.mark.parametrize("name", ["auto", *kattention.ATTENTION_FORMS])
+def test_attention_choice_keeps_greedy_tokens_equal_to_transformers(name, monkeypatch, hf_checkpoints, checkpoints,
+                                                                    fresh_choices):
     """auto measures once per (dtype, heads, kv heads, head_dim, threads) for prefills and once for decode steps,
     and picks sdpa or eager for each; forced or measured, float32 greedy tokens (one row and two rows) equal
     transformers'."""
     from transformers import LlavaForConditionalGeneration
-    monkeypatch.setenv(fastlinear.ATTENTION_ENV, name)
-    monkeypatch.setattr(fastlinear, "_chosen", {})
-    monkeypatch.setattr(fastlinear, "PREFILL_BLOCK", 16)  # an eager prefill of these prompts takes several blocks
+    monkeypatch.setenv(kattention.ATTENTION_ENV, name)
+    monkeypatch.setattr(kattention, "PREFILL_BLOCK", 16)  # an eager prefill of these prompts takes several blocks
     calls = []
-    real = fastlinear.measure_attention
-    monkeypatch.setattr(fastlinear, "measure_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    real = kattention.measure_attention
+    monkeypatch.setattr(kattention, "measure_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
     n = 12
     hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoints["gqa"], dtype=torch.float32).eval()
     model = load_model(checkpoints["gqa"])
@@ -253,13 +254,14 @@ def test_attention_choice_keeps_greedy_tokens_equal_to_transformers(name, monkey
     with torch.inference_mode():
         features = model.encode_image(pixels)[0]
         assert greedy_rows(model, [(image_ids, features), (text_ids, features[:0])], n) == expected
-    chosen = {k: v for k, v in fastlinear._chosen.items() if k[0] in ("attention", "prefill attention")}
+    chosen = {k: v for k, v in choices.chosen().items() if k.startswith(("attention ", "prefill attention "))}
     if name == "auto":  # measured once for the prefills, once for the decode steps
         t = c.text
         shape = (torch.float32, t.num_attention_heads, t.num_key_value_heads, t.head_dim)
-        p = fastlinear.PREFILL_POSITIONS
+        p = kattention.PREFILL_POSITIONS
         assert calls == [(*shape, p, p), shape]
-        assert sorted(chosen) == [(kind, *shape, torch.get_num_threads()) for kind in ("attention", "prefill attention")]
-        assert set(chosen.values()) <= set(fastlinear.ATTENTION_FORMS)
+        assert sorted(chosen) == [" ".join(map(str, (kind, *shape, f"threads={torch.get_num_threads()}")))
+                                  for kind in ("attention", "prefill attention")]
+        assert set(chosen.values()) <= set(kattention.ATTENTION_FORMS)
     else:
         assert calls == [] and chosen == {}
