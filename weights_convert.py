@@ -7,6 +7,10 @@ tokenizer.model; writes config.json (minidamro's LlavaConfig), model.safetensors
 only the weights the model uses) and tokenizer.model. The weights are streamed one tensor at a time from the
 memory-mapped source, so a 7B checkpoint converts in little memory. Everything is written into a temporary
 sibling directory that is renamed into place at the end: an error leaves nothing half-written.
+
+Why one file of ~370 lines: the design card puts the converter at the top level as one script, and most of it
+is checking: three key layouts in circulation, single-file and sharded weights, two model types, the
+tokenizer's added tokens and the preprocessor settings, each refused in one line when it does not fit.
 """
 import argparse
 import json
@@ -25,7 +29,9 @@ from sentencepiece import SentencePieceProcessor
 from minidamro.checkpoint import write_safetensors
 from minidamro.image import LLAVA_PREPROCESSOR
 from minidamro.llama import TextConfig
-from minidamro.llava import DTYPES, MODEL_TYPES, Llava, LlavaConfig, check_state_dict
+from minidamro.checkpoint import read_safetensors
+from minidamro.kernels.int8 import quantize as quantize_int8
+from minidamro.llava import DTYPES, MODEL_TYPES, Llava, LlavaConfig, check_state_dict, read_config
 from minidamro.vision import VisionConfig
 
 # Source prefix -> minidamro prefix, first match wins. Three layouts: the hub's (transformers v4), v5's
@@ -257,7 +263,7 @@ def map_keys(handles: dict, cfg: LlavaConfig, tied: bool) -> tuple[dict, int]:
     return names, dropped
 
 
-def convert(src: str, out: str, dtype: str | None = None, force: bool = False) -> None:
+def convert(src: str, out: str, dtype: str | None = None, force: bool = False, quantize: str | None = None) -> None:
     if not os.path.isdir(src):
         raise MinidamroError(f"source directory {src} does not exist")
     if os.path.lexists(out) and not force:
@@ -269,7 +275,11 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False) -
         raise MinidamroError(f"{out} exists and is not a minidamro checkpoint: --force only replaces those")
     if dtype is not None and dtype not in DTYPES:
         raise MinidamroError(f"unknown dtype {dtype} (choose from {', '.join(DTYPES)})")
+    if quantize not in (None, "int8"):
+        raise MinidamroError(f"unknown quantization {quantize} (int8 is the one there is)")
     hf = read_json(os.path.join(src, "config.json"))
+    if isinstance(hf, dict) and "minidamro_format" in hf:  # a minidamro checkpoint: to another dtype, or int8
+        return reconvert(src, out, dtype, force, quantize)
     try:  # a value of the wrong type anywhere in the JSON: one line, not a traceback
         cfg = build_config(hf, os.path.join(src, "config.json"))
         tied = bool(hf.get("tie_word_embeddings") or (hf.get("text_config") or {}).get("tie_word_embeddings"))
@@ -302,25 +312,62 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False) -
             raise MinidamroError(f"{src} mixes weight dtypes {', '.join(sorted(stored_dtypes))}: choose one "
                                  "with --dtype")
         target = DTYPES[dtype] if dtype else SAFETENSORS_DTYPES[stored_dtypes.pop()]
-        cfg.torch_dtype = DTYPE_NAMES[target]
-        names = {n: names[n] for n in expected}  # minidamro's order
-
-        tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-        try:
-            os.makedirs(tmp)
-            write_safetensors(os.path.join(tmp, "model.safetensors"), {n: t.shape for n, t in expected.items()},
-                              target, lambda n: handles[names[n]].get_tensor(names[n]))
-            shutil.copyfile(sp_path, os.path.join(tmp, "tokenizer.model"))
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
-            replace(tmp, out, force)
-        except OSError as e:
-            raise MinidamroError(f"cannot write {out}: {e}") from None
-        finally:  # BaseException too: an interrupt leaves nothing half-written
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_checkpoint(out, cfg, target, quantize, lambda n: handles[names[n]].get_tensor(names[n]), sp_path, force)
     params = sum(t.numel() for t in expected.values())
     print(f"converted {src} -> {out}: {len(names)} tensors, {params / 1e6:.1f}M parameters in {cfg.torch_dtype}"
-          f" ({dropped} unused vision weights dropped)")
+          f"{' (decoder linears and lm_head in int8)' if quantize else ''} ({dropped} unused vision weights dropped)")
+
+
+def reconvert(src: str, out: str, dtype: str | None, force: bool, quantize: str | None):
+    """A minidamro checkpoint (the shipped toy model, an earlier conversion) to another dtype, or to int8."""
+    cfg = read_config(src)
+    if cfg.text.quantization:
+        raise MinidamroError(f"{src} is already quantized ({cfg.text.quantization}): convert from its source")
+    mapped = read_safetensors(os.path.join(src, "model.safetensors"))
+    with torch.device("meta"):
+        check_state_dict(Llava(cfg).state_dict(), mapped, f"weights in {src} do not match its config")
+    target = DTYPES[dtype or cfg.torch_dtype]
+    write_checkpoint(out, cfg, target, quantize, mapped.__getitem__, os.path.join(src, "tokenizer.model"), force)
+    print(f"converted {src} -> {out}: {len(mapped)} tensors in {DTYPE_NAMES[target]}"
+          f"{' (decoder linears and lm_head in int8)' if quantize else ''}")
+
+
+def write_checkpoint(out: str, cfg: LlavaConfig, target: torch.dtype, quantize: str | None, read, sp_path: str,
+                     force: bool):
+    """config.json, model.safetensors (every tensor read(name) in `target`, or with --quantize int8 the decoder's
+    linear weights and lm_head as int8 + float32 scales, kernels/int8.py) and tokenizer.model, into a temporary
+    sibling directory renamed into place when complete."""
+    cfg.torch_dtype = DTYPE_NAMES[target]
+    cfg.text.quantization = quantize or ""
+    with torch.device("meta"):
+        expected = Llava(cfg).state_dict()  # in minidamro's order; int8 layers: weight, then weight_scale
+    dtypes = {n: t.dtype if t.dtype == torch.int8 or n.endswith(".weight_scale") else target
+              for n, t in expected.items()}
+    odd = [n for n, t in expected.items() if t.dtype == torch.int8 and t.numel() % 8]
+    if odd:  # safetensors has no padding: a tensor after one of these would not be aligned for its dtype
+        raise MinidamroError(f"cannot quantize {', '.join(odd[:3])}: its size is not a multiple of 8")
+    last = {}
+
+    def tensor(name):
+        if dtypes[name] == torch.int8 or name.endswith(".weight_scale"):
+            source = name.removesuffix("_scale")  # the float weight both come from, quantized once
+            if last.get("name") != source:
+                last.update(name=source, qs=quantize_int8(read(source)))
+            return last["qs"][0] if dtypes[name] == torch.int8 else last["qs"][1]
+        return read(name)
+    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        write_safetensors(os.path.join(tmp, "model.safetensors"), {n: t.shape for n, t in expected.items()},
+                          dtypes, tensor)
+        shutil.copyfile(sp_path, os.path.join(tmp, "tokenizer.model"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        replace(tmp, out, force)
+    except OSError as e:
+        raise MinidamroError(f"cannot write {out}: {e}") from None
+    finally:  # BaseException too: an interrupt leaves nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replaceable(out: str) -> bool:
@@ -361,9 +408,12 @@ def main(argv=None):
     ap.add_argument("out", help="output directory")
     ap.add_argument("--dtype", choices=list(DTYPES), help="stored dtype (default: the source's)")
     ap.add_argument("--force", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--quantize", choices=["int8"], help="store the decoder's linear weights and lm_head as int8 "
+                    "with one float32 scale per output row (symmetric, round-to-nearest): half of bfloat16's "
+                    "memory and reads")
     args = ap.parse_args(argv)
     try:
-        convert(args.src, args.out, args.dtype, args.force)
+        convert(args.src, args.out, args.dtype, args.force, args.quantize)
     except MinidamroError as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # always exactly one line
         sys.exit(1)

@@ -214,7 +214,7 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
                 "outlier_attention": dcfg.outlier_attention} | asdict(cfg) | {
                 "temperature": temperature, "top_p": top_p,
                 "seed": seed, "max_new_tokens": max_new, "system": system, "pad_square": pad_square,
-                "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+                "dtype": str(model.language_model.embed_tokens.weight.dtype).removeprefix("torch.")}
     return Analysis(model_dir, prompt, tok.decode(tokens), settings, layer, int(len(vit) ** 0.5), offset,
                     vit.tolist(), damro.select_outliers(cls_row, dcfg.topk).tolist(),
                     [damro.select_outliers(r, dcfg.topk).tolist() for r in cls_rows[1:]], records,

@@ -13,7 +13,7 @@ import torch
 
 from . import MinidamroError
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8}
 CODES = {v: k for k, v in DTYPES.items()}
 
 
@@ -54,16 +54,19 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
                 raise ValueError(f"tensor {name} does not fit the file")
             out[name] = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, info["shape"])
         return out
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise MinidamroError(f"cannot read weights {path}: {e}") from None
 
 
-def write_safetensors(path: str, shapes: dict, dtype: torch.dtype, tensor):
-    """Write `shapes` {name: shape} in order, every tensor in `dtype`, tensor(name) giving each one's values when
-    its turn comes: the header from the shapes first, then one tensor at a time (never the whole model in
-    memory). The caller writes to a temporary name and renames (a half-written file never has the real name)."""
+def write_safetensors(path: str, shapes: dict, dtype, tensor):
+    """Write `shapes` {name: shape} in order, each tensor in `dtype` (one dtype, or {name: dtype}), tensor(name)
+    giving each one's values when its turn comes: the header from the shapes first, then one tensor at a time
+    (never the whole model in memory). The caller writes to a temporary name and renames (a half-written file
+    never has the real name)."""
+    dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys(shapes, dtype)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in shapes.items():
+        dtype = dtypes[name]
         size = dtype.itemsize * torch.Size(shape).numel()
         header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
@@ -72,7 +75,7 @@ def write_safetensors(path: str, shapes: dict, dtype: torch.dtype, tensor):
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         for name, shape in shapes.items():
-            t = tensor(name).detach().to("cpu", dtype).contiguous()
+            t = tensor(name).detach().to("cpu", dtypes[name]).contiguous()
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: shape {tuple(t.shape)}, header says {tuple(shape)}")
             f.write(raw_bytes(t))

@@ -41,7 +41,7 @@ class Sampler:
 
 
 def new_cache(model: Llava, length: int) -> KVCache:
-    w = model.lm_head.weight
+    w = model.language_model.embed_tokens.weight  # the activations' dtype (lm_head may be int8)
     return KVCache(model.cfg.text, length, device=w.device, dtype=w.dtype)
 
 

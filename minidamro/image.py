@@ -118,4 +118,5 @@ def clip_pixels(image: Image.Image, cfg: dict) -> torch.Tensor:
 def image_from_hwc(rgb) -> Image.Image:
     """A (height, width, 3) uint8 tensor as an RGB image, without numpy (Image.fromarray would need it)."""
     h, w, _ = rgb.shape
-    return Image.frombytes("RGB", (w, h), bytes(raw_bytes(rgb.contiguous())))
+    rgb = rgb.to("cpu", torch.uint8).contiguous()  # held here: raw_bytes does not keep its tensor alive
+    return Image.frombytes("RGB", (w, h), bytes(raw_bytes(rgb)))

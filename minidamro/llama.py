@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .capture import Capture, causal_mask, eager_attention
 from .kernels.attention import attention
+from .kernels.int8 import Int8Linear
 from .kernels.linear import Linear
 
 
@@ -31,6 +32,12 @@ class TextConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int = 1
     eos_token_id: int = 2
+    quantization: str = ""         # "int8": the linear layers (and lm_head) hold int8 weights (kernels/int8.py)
+
+
+def linear_layer(cfg: TextConfig):
+    """The class of the decoder's linear layers: weight-only int8 where the checkpoint was converted so."""
+    return Int8Linear if cfg.quantization == "int8" else Linear
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
@@ -96,10 +103,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        Lin = linear_layer(cfg)
+        self.q_proj = Lin(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = Lin(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = Lin(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = Lin(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, layer: int, caches: list[KVCache], masks: list, capture: Capture | None):
         B, T, _ = x.shape
@@ -128,9 +136,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        Lin = linear_layer(cfg)
+        self.gate_proj = Lin(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Lin(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Lin(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -18,12 +18,13 @@ from . import MinidamroError, anyres
 from .checkpoint import read_into, read_safetensors
 from .kernels import attention, choices, cpu, linear
 from .capture import Capture
-from .llama import LlamaModel, TextConfig
+from .llama import LlamaModel, TextConfig, linear_layer
 from .vision import CLIPVisionTower, VisionConfig, hidden_state_index
 
 FORMAT_VERSION = 1
 MODEL_TYPES = ("llava", "llava_next")  # LLaVA-1.5, LLaVA-NeXT (1.6)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("", "int8")  # "int8": weight-only int8 decoder linears and lm_head (kernels/int8.py)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Llava(nn.Module):
         self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_feature_layer)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
         self.language_model = LlamaModel(cfg.text)
-        self.lm_head = linear.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = linear_layer(cfg.text)(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.model_type == "llava_next":  # follows every row of NeXT's tile grid (anyres.pack)
             self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
 
@@ -141,6 +142,9 @@ def read_config(model_dir: str) -> LlavaConfig:
         raise MinidamroError(f"{path} is incomplete: {e}") from None
     if cfg.torch_dtype not in DTYPES or not isinstance(cfg.preprocessor, dict) or "image_mean" not in cfg.preprocessor:
         raise MinidamroError(f"{path} is malformed: torch_dtype or preprocessor settings (convert the model again)")
+    if cfg.text.quantization not in QUANTIZATIONS:
+        raise MinidamroError(f"{path}: quantization {cfg.text.quantization!r} is not one of "
+                             f"{', '.join(map(repr, QUANTIZATIONS))} (a newer minidamro wrote it?)")
     if cfg.model_type not in MODEL_TYPES or (cfg.model_type == "llava_next") != bool(cfg.image_grid_pinpoints):
         raise MinidamroError(f"{path} is malformed: model_type {cfg.model_type!r} or its image_grid_pinpoints "
                              "(convert the model again)")
@@ -180,8 +184,15 @@ def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
         model = Llava(cfg)
     path = os.path.join(model_dir, "model.safetensors")
     mapped = read_safetensors(path)
-    check_state_dict(model.state_dict(), mapped, f"weights in {model_dir} do not match its config")
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in mapped.items()}
+    expected = model.state_dict()
+    check_state_dict(expected, mapped, f"weights in {model_dir} do not match its config")
+    wrong = sorted(k for k, v in expected.items() if (v.dtype == torch.int8) != (mapped[k].dtype == torch.int8))
+    if wrong:
+        raise MinidamroError(f"weights in {model_dir} do not match its config: int8 expected where the config "
+                             f"says so, and only there: {', '.join(wrong[:5])}")
+    # Every tensor in the asked dtype, but int8 weights and their float32 scales, which stay as stored.
+    keep = {k for k, v in expected.items() if v.dtype == torch.int8 or k.endswith(".weight_scale")}
+    weights = {k: v.to(device=device, dtype=v.dtype if k in keep else dtype) for k, v in mapped.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     pack_linears(model, path, {k for k, v in weights.items() if v is mapped[k]})
     return model.eval().requires_grad_(False)

@@ -3,7 +3,7 @@
 Submodule names follow Hugging Face's `CLIPVisionModel`, so the converter's key table is a prefix swap.
 Only the layers LLaVA reads are built: LLaVA takes its features from `vision_feature_layer`
 (-2: the output of the second-to-last layer), so the last layer and `post_layernorm` are never computed.
-The linear layers are kernels.Linear: nn.Linear, given a oneDNN-packed copy of the weight at load where that
+The linear layers are kernels.linear.Linear: nn.Linear, given a oneDNN-packed copy of the weight at load where that
 multiplies an image's tokens faster on this machine (llava.pack_linears).
 """
 from dataclasses import dataclass

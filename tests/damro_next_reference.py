@@ -1,7 +1,7 @@
 """A test-side reference of DAMRO on LLaVA-NeXT, on top of transformers' LlavaNextForConditionalGeneration.
 
-Written from ../shared/docs/llava-next.md ("DAMRO on LLaVA-NeXT"), independently of minidamro, in the manner
-of the release's patched model:
+Written from the DAMRO release's LLaVA-NeXT path (docs/llava-next.md, "DAMRO on NeXT"), independently of
+minidamro, in the manner of the release's patched model:
 
 - forward hooks on `q_proj` / `k_proj` of the ViT encoder layer whose output is hidden_states[vision_feature_layer],
   while the vision tower runs on every tile of the image (base + grid tiles, one batch);

@@ -2,7 +2,7 @@
 transformers' eager attentions, H_i / F on planted cases with known values, the tokens equal to the decoders',
 the figures, and one-line errors.
 
-    PYTHONPATH=. python tests/test_analyze.py docs/   # regenerate the README's example figures (make_examples)
+    PYTHONPATH=. python tests/test_analyze.py docs/   # regenerate the example figures of docs/methods.md (make_examples)
 """
 import json
 import os
@@ -261,7 +261,7 @@ def test_api_rejects_bad_settings(checkpoints, image):
             analyze(model, tok, image, PROMPT, **kwargs)
 
 
-# --- the README's example figures --------------------------------------------------------------------------
+# --- the example figures of docs/methods.md --------------------------------------------------------------------------
 
 def make_examples(docs: str):
     """docs/vit_attention.png and docs/decoder_attention.png: `python -m minidamro.analyze docs/example.png` on a

@@ -1,10 +1,17 @@
 """The benchmark's streamed 7B-shaped checkpoint has llava-1.5-7b-hf's layout: the keys and shapes transformers
 builds from the same config.json, and a config that weights_convert.py accepts."""
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 import weights_convert
-from minidamro import bench7b
+from minidamro.bench import llava7b
 from minidamro.llava import Llava
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def minidamro_name(key: str) -> str:
@@ -13,8 +20,8 @@ def minidamro_name(key: str) -> str:
 
 def test_7b_layout_matches_transformers_and_converts():
     from transformers import LlavaConfig, LlavaForConditionalGeneration
-    hf = bench7b.hf_config(image_token=32000)
-    shapes = bench7b.hf_shapes()
+    hf = llava7b.hf_config(image_token=32000)
+    shapes = llava7b.hf_shapes()
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(LlavaConfig(**hf))
     expected = {minidamro_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
@@ -32,7 +39,14 @@ def test_7b_layout_matches_transformers_and_converts():
 
 def test_7b_random_tensors_are_finite_and_typed():
     for name, shape in (("x.input_layernorm.weight", (8,)), ("x.mlp.fc1.bias", (8,)), ("x.q_proj.weight", (8, 4))):
-        t = bench7b.random_tensor(name, shape, seed=1)
+        t = llava7b.random_tensor(name, shape, seed=1)
         assert t.shape == shape and torch.isfinite(t).all()
-    assert torch.equal(bench7b.random_tensor("a.layer_norm1.weight", (3,), 0), torch.ones(3))
-    assert torch.equal(bench7b.random_tensor("a.k_proj.weight", (3, 2), 5), bench7b.random_tensor("b", (3, 2), 5))
+    assert torch.equal(llava7b.random_tensor("a.layer_norm1.weight", (3,), 0), torch.ones(3))
+    assert torch.equal(llava7b.random_tensor("a.k_proj.weight", (3, 2), 5), llava7b.random_tensor("b", (3, 2), 5))
+
+
+@pytest.mark.parametrize("module", ["minidamro.bench", "minidamro.bench.next", "minidamro.bench.reuse"])
+def test_each_benchmark_command_starts(module):
+    """The benchmarks take minutes and are not run here; each command at least imports and parses its options."""
+    p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0 and f"python -m {module}" in p.stdout and not p.stderr, p.stderr

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-import tolerance  # noqa: F401  (the conftest path setup; the bounds here are derived inline)
+import tolerance
 import weights_convert
 from minidamro import MinidamroError, damro, generation
 from minidamro.image import preprocess
@@ -44,7 +44,7 @@ def test_a_profile_only_removes_features(monkeypatch):
     for name, lacks in cpu.PROFILES.items():
         monkeypatch.setenv(cpu.PROFILE_ENV, name)
         s = cpu.support()
-        for feature in ("onednn", "onednn_bf16", "onednn_fp16"):
+        for feature in ("onednn", "onednn_bf16", "onednn_fp16", "int8pack"):
             assert s.has(feature) == (host.has(feature) and lacks.get(feature, True))
     monkeypatch.setenv(cpu.PROFILE_ENV, "avx2")
     with pytest.raises(RuntimeError, match="lacks onednn_bf16"):  # as oneDNN raises on such a CPU
@@ -117,14 +117,18 @@ def test_choices_are_kept_in_the_cache_file_and_the_next_process_makes_the_same(
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"format": 0, "machines": {}}',
-                                     '{"format": 1, "machines": {"KEY": 5}}', ""])
+                                     '{"format": 1, "machines": {"KEY": 5}}', "",
+                                     '{"format": 1, "machines": {"KEY": {"linear cpu torch.float32 64 96 1 False '
+                                     'THREADS": "renamed"}}}'])
 def test_a_corrupt_or_stale_cache_file_is_measured_again_and_rewritten(content, fresh_choices):
-    fresh_choices.write_text(content.replace("KEY", choices.machine_key()))
+    threads = f"threads={torch.get_num_threads()}"
+    fresh_choices.write_text(content.replace("KEY", choices.machine_key()).replace("THREADS", threads))
     w, x = torch.randn(64, 96), torch.randn(1, 96)
     klinear.linear(x, w)
     data = json.loads(fresh_choices.read_text())
     assert data["machines"][choices.machine_key()] == choices.chosen() and len(choices.chosen()) == 1
-    assert os.listdir(fresh_choices.parent) == ["choices.json"]  # no temporary file left behind
+    assert choices.chosen()[f"linear cpu torch.float32 64 96 1 False {threads}"] in klinear.candidates(1)
+    assert sorted(os.listdir(fresh_choices.parent)) == ["choices.json", "choices.json.lock"]  # no temporary file
 
 
 def test_an_unwritable_cache_location_still_works(monkeypatch, tmp_path):
@@ -158,10 +162,10 @@ def test_reference_mode_measures_nothing_and_ignores_packed_copies(monkeypatch, 
 
 
 def generate_in_a_process(model_dir: str, cache: str) -> tuple[list, dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINIDAMRO_")} | {choices.CACHE_ENV: cache}
     p = subprocess.run([sys.executable, "-m", "minidamro.generate", os.path.join(ROOT, "docs", "toy-1.png"),
                         "--model", model_dir, "--method", "damro", "--max-new-tokens", "5", "--seed", "1", "--json"],
-                       cwd=ROOT, capture_output=True, text=True, env=os.environ | {choices.CACHE_ENV: cache},
-                       check=True)
+                       cwd=ROOT, capture_output=True, text=True, env=env, check=True)
     with open(cache) as f:
         return json.loads(p.stdout.strip().splitlines()[-1]), json.load(f)
 
@@ -197,6 +201,31 @@ def test_a_half_precision_gemm_in_float32_is_within_one_rounding_of_the_exact_pr
     bound = m * u / (1 - m * u) * (x.double().abs() @ w.double().abs().T + b.double().abs()) + ud * exact.abs()
     assert ((y.double() - exact).abs() <= bound * (1 + 1e-12)).all()
     assert ((torch.nn.functional.linear(x, w, b).double() - exact).abs() <= bound * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_generation_and_damro_with_half_precision_gemms_in_float32(dtype, monkeypatch, converted, fresh_choices):
+    """End to end, as on a CPU without fast half-precision GEMMs (the host may have them): the prefill's and the
+    vision tower's GEMMs in float32, decode steps in the dtype. The prompt's logits stay within the rounding
+    bound of tests/tolerance.py in that dtype around reference mode's (the bound is C x reference mode's own
+    measured error against the same weights computed in float32, + 2 u_d |y|): another summation order of the
+    same computation. Then DAMRO decodes."""
+    model = load_model(converted[dtype])
+    wide = load_model(converted[dtype], dtype="float32")  # the same (rounded) weights, computed in float32
+    ids = torch.tensor([1, 5, 6] + [model.cfg.image_token_index] * model.cfg.num_image_tokens + list(range(10, 20)))
+    pixels = preprocess(random_image(4), model.cfg.preprocessor)
+    monkeypatch.setenv(choices.REFERENCE_ENV, "1")
+    exact = generation.prefill(wide, wide.embed(ids, wide.image_features(pixels)), generation.new_cache(wide, 40))
+    ref = generation.prefill(model, model.embed(ids, model.image_features(pixels)), generation.new_cache(model, 40))
+    monkeypatch.setenv(choices.REFERENCE_ENV, "0")
+    calls = []
+    monkeypatch.setattr(klinear, "gemm_in_float32", lambda d: calls.append(d) or d != torch.float32)
+    got = generation.prefill(model, model.embed(ids, model.image_features(pixels)), generation.new_cache(model, 40))
+    assert calls and set(calls) == {getattr(torch, dtype)}
+    tolerance.assert_close(got, ref, exact, f"{dtype} logits, float32 GEMMs vs reference mode", dtype=getattr(torch, dtype))
+    model.cfg.text.eos_token_id = -1
+    outliers, tokens = damro.generate(model, ids, pixels, damro.DamroConfig(topk=3), generation.Sampler(), 5)
+    assert len(list(tokens)) == 5
 
 
 def test_the_float32_gemm_decision_is_measured_once_per_dtype(fresh_choices):

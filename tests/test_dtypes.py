@@ -10,7 +10,7 @@ one process, and torch picks a CPU kernel (BLAS / oneDNN routine, vector width, 
 the operation, dtype, shapes, strides, data alignment (torch's allocator's 64 bytes for both here: the
 weights are converted on loading) and the machine, never from the caller. So the same operations on the same
 shapes give the same bits on any CPU, BLAS build, ATen capability or thread count (run under several of
-those: README, Tests). A float bound could not replace it here: on these tiny random models the bfloat16
+those: docs/testing.md). A float bound could not replace it here: on these tiny random models the bfloat16
 rounding bound of the logits (tests/tolerance.py, about 0.1-0.25) is larger than most gaps between the two
 greatest logits, so equal greedy tokens are only a test of doing exactly what transformers does.
 

@@ -23,7 +23,7 @@ error of the same size, so
 C = 8 lets the checked implementation's error be up to seven times the reference's. Two evaluations of one
 computation differ in the order of the same roundings, not in their number or size, but E is the maximum of
 one sample of errors, and over a small tensor (a [CLS] row of 16 probabilities) one evaluation's maximum
-reached 2.3 times the other's under the CPU / BLAS / thread combinations of README, Tests (4 would have left
+reached 2.3 times the other's under the CPU / BLAS / thread combinations of docs/testing.md (4 would have left
 a margin of 1.2 there, 8 leaves 2.4). 2 u |y*| covers the final rounding of each when E happens to be tiny. E is measured on every run, so the bound follows the
 machine, and a real mistake (a lost bias, another RoPE base, an eps off by a factor 10, two layers swapped)
 changes y by far more than the rounding of y: test_parity.py's test_bounds_catch_small_real_mistakes checks

@@ -7,7 +7,7 @@ gives, and nothing else (no transformers, no numpy, no nltk, no pytest).
 `check` uses the standard library only. It runs, as subprocesses of the interpreter that runs it: `generate` on
 the shipped toy model; the converter on the tiny llava-hf checkpoint to float32, float16 and bfloat16;
 `generate` plain, DAMRO and VCD on each converted model, DAMRO again on each simulated CPU profile
-(minidamro/kernels/cpu.py), and `analyze`; a toy training run that saves a checkpoint; and the
+(minidamro/kernels/cpu.py), the converter's int8 output with DAMRO, and `analyze`; a toy training run that saves a checkpoint; and the
 commands that need an optional package (the benchmark's transformers comparison, CHAIR's nltk), which must
 say so in one `error:` line. Every run's stderr must hold no traceback and no warning: what a user sees is the
 answer and minidamro's own `note:` / `error:` lines. CI (.ci/run) runs both steps; any failure exits 1.
@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.path.join(ROOT, "docs", "toy-1.png")
 DTYPES = ("float32", "float16", "bfloat16")
-PROFILES = ("host", "avx2", "no-onednn")
+PROFILES = ("host", "avx2", "no-onednn", "no-fp16")
 
 
 def build(out: str):
@@ -79,6 +79,9 @@ def check(built: str):
         for profile in PROFILES[1:]:  # the host's own profile ran above
             run(["-m", "minidamro.generate", IMAGE, "--model", out, "--method", "damro", "--max-new-tokens", "6"],
                 env={"MINIDAMRO_CPU_PROFILE": profile})
+    int8 = os.path.join(work, "int8")  # the 16 GB laptop's path: bfloat16 activations, int8 decoder weights
+    run(["weights_convert.py", os.path.join(built, "hf-gqa"), int8, "--dtype", "bfloat16", "--quantize", "int8"])
+    run(["-m", "minidamro.generate", IMAGE, "--model", int8, "--method", "damro", "--max-new-tokens", "6"])
     run(["-m", "minidamro.analyze", IMAGE, "--model", os.path.join(work, "bfloat16"), "--max-new-tokens", "4",
          "--out", os.path.join(work, "analysis")])
     # Training saves a checkpoint (it used safetensors' numpy writer): the smallest run of every stage.

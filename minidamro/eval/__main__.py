@@ -30,7 +30,7 @@ def add_run_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-reuse", action="store_true",
                    help="run the vision tower and the image prefix once per question, as generate does")
     p.add_argument("--batch-questions", action="store_true",
-                   help="decode the questions of one image together, one row each (an experiment: see the README)")
+                   help="decode the questions of one image together, one row each (an experiment: see docs/evaluation.md)")
     p.add_argument("--shard", default=None, help="K/N: answer every N-th image from K (default: torchrun's "
                                                  "RANK/WORLD_SIZE, else 0/1)")
     p.add_argument("--skip-bad", action="store_true", help="leave out (and list) questions whose line or image "

@@ -135,7 +135,7 @@ class Chair:
 
     def ground_truth(self, path: str, image_ids=None) -> dict[int, set[str]]:
         """From a COCO annotation directory, or an OBJECTS.json {image_id: [node words]} (as stored in a
-        reference CHAIR cache, e.g. ../shared/eval-data/chair_gt_objects_from_damro_pkl.json)."""
+        reference CHAIR cache, as the DAMRO release stores it)."""
         if os.path.isdir(path):
             return self.ground_truth_from_coco(path, image_ids)
         try:

@@ -104,7 +104,7 @@ class Engine:
     def _answer_image_batched(self, pixels, prompts, image_key, image_size):
         """The questions of one image decoded together: one row per (question, stream), each row with its own
         cache holding a copy of its stream's prefix; one forward per step for every unfinished row.
-        An experiment (--batch-questions): see the README for whether it pays on a CPU."""
+        An experiment (--batch-questions): see docs/evaluation.md for whether it pays on a CPU."""
         model, eos = self.model, self.model.cfg.text.eos_token_id
         prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key, image_size)
         S = len(prepared.features)

@@ -1,4 +1,4 @@
-"""POPE scoring under the two answer-parsing rules in use (see ../shared/docs/evaluation.md, section 1).
+"""POPE scoring under the two answer-parsing rules in use (see docs/evaluation.md).
 
 - `damro`: the DAMRO / VCD `eval_pope.py` rule, which gives the papers' numbers. Lower-case and strip both;
   a gt "yes" question is a TP iff "yes" is a *substring* of the answer (else FN), a gt "no" question a TN iff

@@ -103,8 +103,9 @@ def attention(q, k, v, scratch=None, mask=None):
             dtype, heads, kv_heads, head_dim = q.dtype, q.shape[1], k.shape[1], q.shape[-1]
             if q.shape[2] == 1:
                 name = choices.decide(("attention", dtype, heads, kv_heads, head_dim), lambda: choices.fastest(
-                    measure_attention(dtype, heads, kv_heads, head_dim)))
+                    measure_attention(dtype, heads, kv_heads, head_dim)), ATTENTION_FORMS)
             else:
                 name = choices.decide(("prefill attention", dtype, heads, kv_heads, head_dim), lambda: choices.fastest(
-                    measure_attention(dtype, heads, kv_heads, head_dim, PREFILL_POSITIONS, PREFILL_POSITIONS, reps=2)))
+                    measure_attention(dtype, heads, kv_heads, head_dim, PREFILL_POSITIONS, PREFILL_POSITIONS, reps=2)),
+                    ATTENTION_FORMS)
     return ATTEND[name](q, k, v, scratch, mask)

@@ -9,7 +9,9 @@ to a per-machine cache file, and every later process on that machine makes the s
     $MINIDAMRO_CHOICES, default ~/.cache/minidamro/choices.json ($XDG_CACHE_HOME respected)
 
 The file holds one entry per machine key (CPU model, a hash of its feature flags, the torch version, the
-simulated CPU profile); each decision's own key names the thread count. A missing, unreadable, corrupt or
+simulated CPU profile, ATen's vector path and any ISA limit set in the environment); each decision's own key
+names the thread count. A decision is read, measured and written under a lock on a sidecar file, so processes
+started together (torchrun shards) measure it once and agree. A missing, unreadable, corrupt or
 stale (other format) file is measured anew and rewritten, never an error; the file is replaced atomically
 (written to a temporary name, then renamed), so a reader never sees half of it. Delete it to measure again.
 
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -65,13 +68,14 @@ def machine() -> dict:
                     flags = value.strip()
     except OSError:
         pass
+    isa = [os.environ.get(v, "") for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")]
     return {"cpu": model, "flags": hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:12],
-            "torch": torch.__version__, "profile": cpu.profile()}
+            "torch": torch.__version__, "profile": cpu.profile(), "isa": "/".join([cpu.support().capability, *isa])}
 
 
 def machine_key() -> str:
     m = machine()
-    return f"{m['cpu']} | flags {m['flags']} | torch {m['torch']} | {m['profile']}"
+    return f"{m['cpu']} | flags {m['flags']} | torch {m['torch']} | {m['profile']} | {m['isa']}"
 
 
 def _read() -> dict:
@@ -93,34 +97,69 @@ def _write(key: str, value):
     if not isinstance(entry, dict):
         entry = data["machines"][machine_key()] = {}
     entry[key] = value
-    target = path()
+    target = os.path.abspath(path())
+    tmp = None
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(target)), prefix=".choices-")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".choices-")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; this file may be shared by a machine's users
         os.replace(tmp, target)
+        tmp = None
     except OSError:  # a read-only home: the decision holds for this process, and is measured again next time
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+@contextmanager
+def _locked():
+    """Hold an exclusive lock on the cache file's sidecar while a decision is read, measured and written, so that
+    processes started together (torchrun shards) measure it once and all make the same choice."""
+    try:
+        import fcntl
+        os.makedirs(os.path.dirname(os.path.abspath(path())), exist_ok=True)
+        f = open(path() + ".lock", "a")
+    except (ImportError, OSError):  # no POSIX locks, or nowhere to write: unlocked
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def decide(key: tuple, measure):
+def decide(key: tuple, measure, allowed=(True, False)):
     """The decision for `key` (a tuple of str / int / dtype; the thread count is added): this process's, else
-    the cache file's for this machine, else measure() -> a JSON value (a formulation's name, a bool), kept."""
+    the cache file's for this machine, else measure() -> one of `allowed` (a formulation's name, or a bool),
+    kept. A cached value that is not one of `allowed` (a hand-edited file, a formulation renamed since) counts as
+    missing: it is measured again and rewritten."""
     k = " ".join(map(str, (*key, f"threads={torch.get_num_threads()}")))
+
+    def valid(v):
+        return isinstance(v, (str, bool)) and any(v is a or (isinstance(a, str) and v == a) for a in allowed)
     if k not in _made:
         global _loaded
         if _loaded is None:
             entry = _read()["machines"].get(machine_key(), {})
             _loaded = entry if isinstance(entry, dict) else {}
-        if k in _loaded and isinstance(_loaded[k], (str, bool)):
+        if valid(_loaded.get(k)):
             _made[k] = _loaded[k]
         else:
-            _made[k] = measure()
-            _write(k, _made[k])
+            with _locked():  # another process may have decided it since this one read the file
+                entry = _read()["machines"].get(machine_key(), {})
+                if isinstance(entry, dict) and valid(entry.get(k)):
+                    _made[k] = entry[k]
+                else:
+                    _made[k] = measure()
+                    _write(k, _made[k])
     return _made[k]
 
 

@@ -26,6 +26,7 @@ class Support:
     onednn: bool       # torch was built with oneDNN (mkldnn) and it runs here: float32 packing
     onednn_bf16: bool  # oneDNN's bfloat16 kernels: bfloat16 packing
     onednn_fp16: bool  # oneDNN's float16 kernels (not used for packing yet: no CPU here has had them to test)
+    int8pack: bool     # ATen's weight-only int8 matmul (torch.ops.aten._weight_int8pack_mm, torch >= 2.3)
     capability: str    # ATen's vector code path (DEFAULT, AVX2, AVX512, ...), for the record
 
     def has(self, feature: str) -> bool:
@@ -33,12 +34,14 @@ class Support:
 
 
 # What each simulated CPU lacks. "avx2" is an AVX2-only x86-64 CPU (oneDNN runs, in float32 only); "no-onednn"
-# a torch build without oneDNN, or a CPU it does not support.
+# a torch build without oneDNN, or a CPU it does not support; "no-int8pack" a torch build without ATen's int8
+# matmul.
 PROFILES = {
     "host": {},
     "no-onednn": dict(onednn=False, onednn_bf16=False, onednn_fp16=False),
     "avx2": dict(onednn_bf16=False, onednn_fp16=False),
     "no-fp16": dict(onednn_fp16=False),
+    "no-int8pack": dict(int8pack=False),
 }
 
 
@@ -48,6 +51,7 @@ def host() -> Support:
     return Support(onednn=onednn,
                    onednn_bf16=onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                    onednn_fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+                   int8pack=hasattr(torch.ops.aten, "_weight_int8pack_mm"),
                    capability=torch.backends.cpu.get_cpu_capability())
 
 

@@ -119,13 +119,16 @@ def measure(w, rows: int, has_bias: bool, reps: int = 2) -> dict[str, float]:
 
 def choose(w, rows: int, has_bias: bool) -> str:
     return choices.decide(("linear", w.device.type, w.dtype, *w.shape, rows, has_bias),
-                          lambda: choices.fastest(measure(w, rows, has_bias)))
+                          lambda: choices.fastest(measure(w, rows, has_bias)), candidates(rows))
 
 
 def gemm_in_float32(dtype) -> bool:
     """Whether a CPU GEMM with `dtype` weights is faster computed in float32 (inputs and weight upcast, the
     result rounded to dtype once): timed once per machine on a GEMM_SHAPE GEMM, compute-bound, so one shape
-    in cache stands for all."""
+    in cache stands for all, and applied to every call of more than MAX_ROWS rows. The upcast itself costs
+    about as much as the products of a couple of rows (it reads and writes the weight once), so where the
+    native GEMM is several times slower (AVX2 only: 8.7 against 33 GFLOP/s at 128 rows, upcasts included) it
+    pays from about two rows; where it is not, the decision is False for all row counts."""
     if dtype not in (torch.bfloat16, torch.float16):
         return False
 

@@ -5,7 +5,7 @@ For each decoding method: the three splits (accuracy, precision, recall, F1, yes
 not see: exact captions, repeated objects, right colours and sizes), and the
 DAMRO paper's diagnostics for the object words of the captions, hallucinated vs not: the mean H_i (Eq. 1,
 the overlap of the ViT's and the decoder's top-i patches) and F (Eq. 2, the decoder's image attention
-share on the ViT's top-3 patches). Decoding is greedy, as in the README's examples.
+share on the ViT's top-3 patches). Decoding is greedy, as in the README's and docs/toy.md's examples.
 """
 import sys
 from dataclasses import asdict

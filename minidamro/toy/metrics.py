@@ -1,4 +1,4 @@
-"""The toy lab's caption metrics, with the definitions of ../shared/docs/evaluation.md.
+"""The toy lab's caption metrics, with the definitions of docs/evaluation.md (CHAIR as the released chair.py).
 
 POPE-style questions are scored by the evaluation harness itself (`minidamro.eval.pope.score_damro`, the
 DAMRO / VCD `eval_pope.py` rule). Captions get CHAIR with the toy world's vocabulary instead of COCO's

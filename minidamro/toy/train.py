@@ -26,7 +26,10 @@ Why this order and not everything at once: answering "Is there a star?" from an 
 yes/no loss. Trained from random weights on images, the LLM stayed at chance for over a thousand steps. On text
 it learns the lookup (with two probes that give each hop its own signal: text_loss), and laid out like the image
 tokens, what it reads (kinds, colours, sizes) is what the projector must then produce (align_loss). The
-README's toy section has the measurements behind each choice. Each stage's batches are built in data.py.
+toy document (docs/toy.md) has the measurements behind each choice. Each stage's batches are built in data.py.
+
+Why one module of ~390 lines: it is the whole recipe (the model's sizes, the losses, the four stages, saving) in
+the order a reader follows it; the data it trains on is apart in data.py.
 
 Everything is seeded: the same seed and settings give the same weights on the same machine and torch build
 (float summation order, and so the weights, can differ elsewhere).
@@ -180,7 +183,7 @@ def forward(model: Llava, image, ids, probe_layer: int | None = None):
 def answer_loss(logits, targets):
     """Cross-entropy on the answer tokens, averaged per conversation, then over the batch: a caption's twenty
     tokens weigh as much as a "Yes</s>". (Averaged per token, the captions of a mixed batch outweighed the
-    existence answers and the model stopped reading the image: README, toy section.)"""
+    existence answers and the model stopped reading the image: docs/toy.md.)"""
     per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
     answer = (targets != -100).float()
     return ((per_token * answer).sum(1) / answer.sum(1)).mean()
@@ -276,7 +279,7 @@ def text_loss(model, probes, ids, targets, words, asked, present):
     Why the probes: answering takes two hops (carry the asked kind from the question to the answer position,
     then find it among the words), and neither hop alone lowers a balanced yes/no loss, so an LLM trained on the
     answers alone sits at chance for hundreds of steps and leaves it at a step that is down to luck (from 250
-    to past 600 in the README's runs). Each probe's loss falls as soon as its hop starts to form, which gives
+    to past 600 in the runs of docs/toy.md). Each probe's loss falls as soon as its hop starts to form, which gives
     both hops a signal from the first step; the answers then follow within ~150 steps. The probes are thrown
     away after the stage, like stage 1's heads."""
     logits, hidden = forward(model, scene_slots(model, words), ids,
@@ -292,7 +295,7 @@ def align_loss(model, tok, pixels, ids, targets, scenes):
     """Stage 3's loss: the answers', through the frozen LLM (LLaVA's own alignment objective), plus each image
     token's squared distance to its patch's slot in stage 2 (scene_slots: the sum of the size, colour and kind
     words' embeddings), relative to the slots' mean square. With the answers alone the projector found no way
-    in: 0.52-0.63 after 400-1000 steps (README, toy section); the regression points it at what the LLM already
+    in: 0.52-0.63 after 400-1000 steps (docs/toy.md); the regression points it at what the LLM already
     reads. The answers are stage 2's mix (`text_mix`), one conversation per image."""
     image = model.encode_image(pixels)                                             # (B, 64, D)
     words = scene_slots(model, torch.stack([scene_words(tok, model.cfg, s) for s in scenes])).float()

@@ -221,7 +221,7 @@ def caption(scene: Scene) -> str:
     (KINDS), not left to right. Which object comes next is then a fixed function of the last one named, which
     the toy LLM learns to read from the image tokens; left to right, it has to compare the columns of patches,
     and trained on the scene's words it repeated an object in 26 of 60 captions against 1 of 60 this way
-    (README, toy section). The order is a convention of this world: CHAIR, recall and the colour and size
+    (docs/toy.md). The order is a convention of this world: CHAIR, recall and the colour and size
     scores ignore it; only the lab's "exact" compares a caption with this one."""
     parts = [f"a {o.phrase}" for o in sorted(scene.objects, key=lambda o: KINDS.index(o.kind))]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

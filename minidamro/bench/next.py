@@ -1,7 +1,7 @@
 """LLaVA-NeXT at full shape: a random llava-v1.6-vicuna-7b-shaped checkpoint converts and generates; time and memory.
 
-    python -m minidamro.bench_next --size 7b --workdir /data/next7b [--device cuda] [--dtype bfloat16] [--tokens 16]
-    python -m minidamro.bench_next --size quick --workdir /tmp/next-quick        # the same path in seconds
+    python -m minidamro.bench.next --size 7b --workdir checkpoints/bench-next [--device cuda] [--dtype bfloat16] [--tokens 16]
+    python -m minidamro.bench.next --size quick --workdir checkpoints/bench-next-quick       # the same path in seconds
 
 Builds once (cached in --workdir) a random LLaVA-NeXT checkpoint in transformers' in-memory key layout:
 `--size 7b` is llava-v1.6-vicuna-7b's shape (CLIP ViT-L/14 at 336 px, 24 x 1024; Vicuna-7B, 32 x 4096, MLP
@@ -20,9 +20,8 @@ import subprocess
 import sys
 import time
 
-from .bench import IMAGE_TOKEN, PROMPT, write_tokenizer
+from .build import IMAGE_TOKEN, PROMPT, ROOT, write_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 SPEC = {
     "7b": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -99,12 +98,12 @@ def peak_rss_mib() -> float:
 def worker(a):
     """One method, in its own process: load, one short warm-up, then the timed run."""
     import torch
-    from PIL import Image
-    from . import damro, generation
-    from .anyres import model_pixels
-    from .generate import encode_prompt
-    from .llava import load_model
-    from .tokenizer import Tokenizer
+    from .. import damro, generation
+    from ..anyres import model_pixels
+    from ..generate import encode_prompt
+    from ..image import image_from_hwc
+    from ..llava import load_model
+    from ..tokenizer import Tokenizer
     torch.set_num_threads(a.threads)
     md = os.path.join(a.workdir, "minidamro")
     model = load_model(md, a.device)
@@ -143,7 +142,7 @@ def worker(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m minidamro.bench.next", description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=list(SPEC), default="7b")
     ap.add_argument("--workdir", required=True, help="where the random checkpoint is built and cached")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
@@ -163,7 +162,7 @@ def main():
     build(a.workdir, a.size, a.dtype)
     results = []
     for method in ("plain", "damro"):
-        cmd = [sys.executable, "-m", "minidamro.bench_next", "--method", method, "--size", a.size, "--workdir",
+        cmd = [sys.executable, "-m", "minidamro.bench.next", "--method", method, "--size", a.size, "--workdir",
                a.workdir, "--device", a.device, "--tokens", str(a.tokens), "--threads", str(a.threads)]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if done.returncode:

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .checkpoint import write_safetensors
+from ..checkpoint import write_safetensors
 
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
               image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)

@@ -1,6 +1,6 @@
 """Per-image reuse against the per-question path, on a POPE-format set of images x questions.
 
-    python -m minidamro.eval.bench --model DIR [--images 10] [--questions 18] [--max-new-tokens 4] [--method damro]
+    python -m minidamro.bench.reuse --model DIR [--images 10] [--questions 18] [--max-new-tokens 4] [--method damro]
 
 Loads the model once and, image by image, answers the image's questions three ways in turn (interleaved, so
 a shared machine's load falls on all three alike): `--no-reuse` (generate's path: vision tower and the whole
@@ -16,15 +16,14 @@ import tempfile
 import time
 
 import torch
-from PIL import Image
 
 from .. import methods
 from ..anyres import model_pixels
 from ..image import image_from_hwc, load_image
 from ..llava import load_model
 from ..tokenizer import LLAVA_V1_SYSTEM, Tokenizer
-from .data import POPE_SUFFIX
-from .engine import Engine
+from ..eval.data import POPE_SUFFIX
+from ..eval.engine import Engine
 
 OBJECTS = ["dog", "cat", "car", "person", "chair", "bottle", "cup", "bus", "tree", "bird", "horse", "sink",
            "clock", "bench", "kite", "train", "boat", "pizza", "truck", "vase"]
@@ -44,7 +43,7 @@ def make_images(d: str, n: int) -> list[str]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minidamro.bench.reuse", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--images", type=int, default=10)
     p.add_argument("--questions", type=int, default=18, help="per image (POPE: 6 per split x 3 splits)")
