@@ -8,9 +8,10 @@ only the weights the model uses) and tokenizer.model. The weights are streamed o
 memory-mapped source, so a 7B checkpoint converts in little memory. Everything is written into a temporary
 sibling directory that is renamed into place at the end: an error leaves nothing half-written.
 
-Why one file of ~370 lines: the design card puts the converter at the top level as one script, and most of it
+Why one file of ~420 lines: the design card puts the converter at the top level as one script, and most of it
 is checking: three key layouts in circulation, single-file and sharded weights, two model types, the
-tokenizer's added tokens and the preprocessor settings, each refused in one line when it does not fit.
+tokenizer's added tokens and the preprocessor settings, each refused in one line when it does not fit; the
+rest writes the checkpoint (any dtype, or int8 with --quantize, also from a minidamro checkpoint).
 """
 import argparse
 import json
