@@ -322,6 +322,8 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False, q
 def reconvert(src: str, out: str, dtype: str | None, force: bool, quantize: str | None):
     """A minidamro checkpoint (the shipped toy model, an earlier conversion) to another dtype, or to int8."""
     cfg = read_config(src)
+    if not os.path.isfile(os.path.join(src, "tokenizer.model")):
+        raise MinidamroError(f"{src} has no tokenizer.model")
     if cfg.text.quantization:
         raise MinidamroError(f"{src} is already quantized ({cfg.text.quantization}): convert from its source")
     mapped = read_safetensors(os.path.join(src, "model.safetensors"))

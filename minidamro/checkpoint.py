@@ -67,6 +67,9 @@ def write_safetensors(path: str, shapes: dict, dtype, tensor):
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in shapes.items():
         dtype = dtypes[name]
+        if offset % dtype.itemsize:  # the format has no padding: the reader could not map it in place
+            raise MinidamroError(f"cannot write {name}: it would start at byte {offset}, not a multiple of "
+                                 f"{dtype.itemsize}")
         size = dtype.itemsize * torch.Size(shape).numel()
         header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import MinidamroError, anyres
 from .checkpoint import read_into, read_safetensors
-from .kernels import attention, choices, cpu, linear
+from .kernels import attention, choices, cpu, int8, linear
 from .capture import Capture
 from .llama import LlamaModel, TextConfig, linear_layer
 from .vision import CLIPVisionTower, VisionConfig, hidden_state_index
@@ -169,6 +169,7 @@ def check_state_dict(expected: dict, got: dict, where: str):
 def check_kernel_settings():
     """Every MINIDAMRO_* setting the kernels read, checked once: a wrong value is one clear error."""
     linear.forced()
+    int8.forced()
     attention.forced_attention()
     choices.reference()
     cpu.profile()

@@ -125,6 +125,17 @@ def test_int8_checkpoint_errors_are_one_line(quantized, tmp_path):
         load_model(str(bad))
 
 
+def test_the_toy_model_converts_to_int8_and_int8_is_not_trained_further(tmp_path, capsys):
+    from minidamro.toy import __main__ as toy
+    out = str(tmp_path / "toy-int8")
+    weights_convert.convert(os.path.join(os.path.dirname(toy.__file__), "model"), out, quantize="int8")
+    model = load_model(out)
+    assert model.lm_head.weight.dtype == torch.int8 and model.cfg.text.quantization == "int8"
+    with pytest.raises(SystemExit):
+        toy.main(["train", "--out", str(tmp_path / "again"), "--init", out])
+    assert "is quantized" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("profile", list(cpu.PROFILES))
 def test_int8_generation_and_damro_under_every_profile(profile, dtype, quantized, monkeypatch, fresh_choices):

@@ -82,6 +82,8 @@ def check(built: str):
     int8 = os.path.join(work, "int8")  # the 16 GB laptop's path: bfloat16 activations, int8 decoder weights
     run(["weights_convert.py", os.path.join(built, "hf-gqa"), int8, "--dtype", "bfloat16", "--quantize", "int8"])
     run(["-m", "minidamro.generate", IMAGE, "--model", int8, "--method", "damro", "--max-new-tokens", "6"])
+    run(["-m", "minidamro.generate", IMAGE, "--model", int8, "--max-new-tokens", "6"],
+        env={"MINIDAMRO_CPU_PROFILE": "no-int8pack"})
     run(["-m", "minidamro.analyze", IMAGE, "--model", os.path.join(work, "bfloat16"), "--max-new-tokens", "4",
          "--out", os.path.join(work, "analysis")])
     # Training saves a checkpoint (it used safetensors' numpy writer): the smallest run of every stage.

@@ -4,6 +4,7 @@ medium and quick are built by transformers from a config; 7b is streamed tensor 
 """
 import json
 import os
+import shutil
 
 from . import llava7b
 
@@ -78,6 +79,7 @@ def build(workdir: str, size: str):
         LlavaForConditionalGeneration(cfg).save_pretrained(hf)
     write_tokenizer(workdir, hf, spec["vision"]["image_size"], image_processor_type="CLIPImageProcessor")
     weights_convert.convert(hf, os.path.join(workdir, "minidamro"), force=True)
+    shutil.rmtree(os.path.join(workdir, "minidamro-int8"), ignore_errors=True)  # converted from the old weights
     with open(stamp, "w") as f:
         json.dump(spec, f)
 

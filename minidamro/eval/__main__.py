@@ -17,6 +17,7 @@ from dataclasses import asdict
 
 from .. import MinidamroError, methods
 from .. import generate as gen
+from ..llava import read_config
 from . import chair, data, mme
 from .engine import Engine
 from .run import Progress, answers_name, check_settings, read_answers, shard_spec, write_json_atomic
@@ -99,6 +100,9 @@ def settings_of(a, model_cfg_path: str, n_questions: int) -> dict:
               "ground_truth": os.path.abspath(a.ground_truth)}
     else:
         s |= {"data": os.path.abspath(a.data), "tasks": a.tasks}
+    quantization = read_config(model_cfg_path).text.quantization
+    if quantization:  # only when set: runs made before int8 existed resume unchanged
+        s["quantization"] = quantization
     return s
 
 

@@ -1,7 +1,7 @@
 """Weight-only int8 linear layers: y = x (s * Q)^T (+ b), Q int8 (N, K), s float32 (N,), one scale per output row.
 
 Decoding reads every weight once per token, so on a CPU the weights' bytes set its speed and its memory, and
-int8 halves bfloat16's (LLaVA-1.5-7B's decoder: 6.7 GB instead of 13.5). gpt-fast and torchao ship the same
+int8 halves bfloat16's (LLaVA-1.5-7B's decoder and lm_head: 6.6 GB instead of 13.2). gpt-fast and torchao ship the same
 weight-only scheme; llama.cpp's Q8_0 is its block-scaled cousin. Opt-in: `weights_convert.py --quantize int8`
 writes the decoder's linear weights and lm_head this way (the vision tower and the projector keep their dtype:
 they run once per image), and a checkpoint whose config says so loads these layers as `Int8Linear`. Nothing is
@@ -37,12 +37,16 @@ FORMS = ("int8pack", "dequant")
 POOL_BYTES = 64 << 20
 
 
-def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (N, K) -> Q int8 (N, K), s float32 (N,): symmetric round-to-nearest per output row (see above)."""
-    w = w.float()
-    s = w.abs().amax(dim=1) / 127
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8), s
+def quantize(w: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, K) -> Q int8 (N, K), s float32 (N,): symmetric round-to-nearest per output row (see above), `block`
+    rows at a time (the float32 temporaries of a 32000 x 4096 lm_head would otherwise take ~1.5 GB)."""
+    q, s = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0], dtype=torch.float32)
+    for a in range(0, w.shape[0], block):
+        wb = w[a:a + block].float()
+        sb = wb.abs().amax(dim=1) / 127
+        s[a:a + block] = sb = torch.where(sb > 0, sb, torch.ones_like(sb))
+        q[a:a + block] = torch.round(wb / sb[:, None]).clamp_(-127, 127)
+    return q, s
 
 
 def _int8pack(x, q, s, b):
@@ -99,10 +103,10 @@ def int8_linear(x, q, s, b=None):
     """x (..., K) @ (s * q)^T + b -> (..., N) in x's dtype."""
     rows = x.numel() // x.shape[-1]
     name = forced()
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or choices.reference():
         name = "dequant"
     elif name is None or name not in available():
-        name = "dequant" if choices.reference() else choose(q, s, rows, x.dtype)
+        name = choose(q, s, rows, x.dtype)
     y = FORMULAS[name](x.reshape(rows, x.shape[-1]), q, s, b)
     return y.reshape(*x.shape[:-1], q.shape[0])
 

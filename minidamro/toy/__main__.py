@@ -75,6 +75,11 @@ def cmd_train(a):
         raise MinidamroError("every stage has 0 steps: nothing to train")
     if a.init and not os.path.isfile(os.path.join(a.init, "config.json")):
         raise MinidamroError(f"--init {a.init} is not a minidamro checkpoint")
+    if a.init:
+        from ..llava import read_config
+        if read_config(a.init).text.quantization:  # its int8 weights are buffers: training could not change them
+            raise MinidamroError(f"--init {a.init} is quantized: train from the float checkpoint it was "
+                                 "converted from")
     outs = [a.out] + [f"{a.out}-after-{stage}" for stage in T.STAGES if a.save_stages]
     for out in outs:
         if os.path.exists(out) and not a.force:
