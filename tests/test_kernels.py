@@ -109,6 +109,19 @@ def test_an_unknown_formulation_is_an_error(monkeypatch, checkpoints):
         load_model(checkpoints["mha"])
 
 
+def two_prompts(hf, c, n: int):
+    """An image prompt and a text-only one, and transformers' n greedy tokens for each (no early stop)."""
+    pixels = preprocess(random_image(3), c.preprocessor)
+    image_ids = torch.tensor([1, 5, 6] + [c.image_token_index] * c.num_image_tokens + list(range(10, 30)))
+    text_ids = torch.tensor([1] + list(range(40, 75)))
+    with torch.no_grad():
+        expected = [hf.generate(input_ids=image_ids[None], pixel_values=pixels, do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n)[0, len(image_ids):].tolist(),
+                    hf.generate(input_ids=text_ids[None], do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n)[0, len(text_ids):].tolist()]
+    return pixels, image_ids, text_ids, expected
+
+
 def greedy_rows(model, streams, n):
     """Greedy decoding of several prompts side by side: one forward per token takes all rows together."""
     caches = [KVCache(model.cfg.text, len(ids) + n) for ids, _ in streams]
@@ -137,15 +150,7 @@ def test_forced_formulations_keep_greedy_tokens_equal_to_transformers(name, monk
         assert all((m.packed is not None) == cpu.support().has("onednn") for m in linears)
     elif name != "auto":
         assert all(m.packed is None for m in linears)
-    c = model.cfg
-    pixels = preprocess(random_image(3), c.preprocessor)
-    image_ids = torch.tensor([1, 5, 6] + [c.image_token_index] * c.num_image_tokens + list(range(10, 30)))
-    text_ids = torch.tensor([1] + list(range(40, 75)))
-    with torch.no_grad():
-        expected = [hf.generate(input_ids=image_ids[None], pixel_values=pixels, do_sample=False, max_new_tokens=n,
-                                min_new_tokens=n)[0, len(image_ids):].tolist(),
-                    hf.generate(input_ids=text_ids[None], do_sample=False, max_new_tokens=n,
-                                min_new_tokens=n)[0, len(text_ids):].tolist()]
+    pixels, image_ids, text_ids, expected = two_prompts(hf, model.cfg, n)
     model.cfg.text.eos_token_id = -1  # as min_new_tokens: compare all n tokens
     assert list(generate(model, image_ids, pixels, Sampler(), n)) == expected[0]  # one row
     with torch.inference_mode():
@@ -241,22 +246,14 @@ def test_attention_choice_keeps_greedy_tokens_equal_to_transformers(name, monkey
     hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoints["gqa"], dtype=torch.float32).eval()
     model = load_model(checkpoints["gqa"])
     model.cfg.text.eos_token_id = -1  # as min_new_tokens: compare all n tokens
-    c = model.cfg
-    pixels = preprocess(random_image(3), c.preprocessor)
-    image_ids = torch.tensor([1, 5, 6] + [c.image_token_index] * c.num_image_tokens + list(range(10, 30)))
-    text_ids = torch.tensor([1] + list(range(40, 75)))
-    with torch.no_grad():
-        expected = [hf.generate(input_ids=image_ids[None], pixel_values=pixels, do_sample=False, max_new_tokens=n,
-                                min_new_tokens=n)[0, len(image_ids):].tolist(),
-                    hf.generate(input_ids=text_ids[None], do_sample=False, max_new_tokens=n,
-                                min_new_tokens=n)[0, len(text_ids):].tolist()]
+    pixels, image_ids, text_ids, expected = two_prompts(hf, model.cfg, n)
     assert list(generate(model, image_ids, pixels, Sampler(), n)) == expected[0]
     with torch.inference_mode():
         features = model.encode_image(pixels)[0]
         assert greedy_rows(model, [(image_ids, features), (text_ids, features[:0])], n) == expected
     chosen = {k: v for k, v in choices.chosen().items() if k.startswith(("attention ", "prefill attention "))}
     if name == "auto":  # measured once for the prefills, once for the decode steps
-        t = c.text
+        t = model.cfg.text
         shape = (torch.float32, t.num_attention_heads, t.num_key_value_heads, t.head_dim)
         p = kattention.PREFILL_POSITIONS
         assert calls == [(*shape, p, p), shape]

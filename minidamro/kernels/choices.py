@@ -37,6 +37,7 @@ REFERENCE_ENV = "MINIDAMRO_REFERENCE"
 FORMAT = 1
 
 _made: dict = {}    # this process's decisions, key string -> value (a formulation's name or a bool)
+_fast: dict = {}    # the same, by (key tuple, threads): the decode loop's lookup
 _loaded: dict | None = None  # the cache file's decisions for this machine, read once per process
 _unavailable: dict = {}  # candidate -> the error it raised while being measured (kept out of the choice)
 
@@ -138,10 +139,17 @@ def _locked():
 
 def decide(key: tuple, measure, allowed=(True, False)):
     """The decision for `key` (a tuple of str / int / dtype; the thread count is added): this process's, else
-    the cache file's for this machine, else measure() -> one of `allowed` (a formulation's name, or a bool),
-    kept. A cached value that is not one of `allowed` (a hand-edited file, a formulation renamed since) counts as
-    missing: it is measured again and rewritten."""
-    k = " ".join(map(str, (*key, f"threads={torch.get_num_threads()}")))
+    the cache file's for this machine, else measure() -> one of `allowed` (a formulation's name, or a bool;
+    or a function giving them, called only then), kept. A cached value that is not one of `allowed` (a
+    hand-edited file, a formulation renamed since) counts as missing: it is measured again and rewritten.
+
+    Called for every linear layer and attention of every decode step, so a decision made is one dict lookup
+    on the key tuple (the string key, the file and `allowed` are only for the first call)."""
+    fast = (key, torch.get_num_threads())
+    if fast in _fast:
+        return _fast[fast]
+    k = " ".join(map(str, (*key, f"threads={fast[1]}")))
+    allowed = allowed() if callable(allowed) else allowed
 
     def valid(v):
         return isinstance(v, (str, bool)) and any(v is a or (isinstance(a, str) and v == a) for a in allowed)
@@ -160,6 +168,7 @@ def decide(key: tuple, measure, allowed=(True, False)):
                 else:
                     _made[k] = measure()
                     _write(k, _made[k])
+    _fast[fast] = _made[k]
     return _made[k]
 
 
@@ -177,6 +186,7 @@ def forget():
     """Drop this process's decisions and the file's that were read (the tests, after changing the file)."""
     global _loaded
     _made.clear()
+    _fast.clear()
     _unavailable.clear()
     _loaded = None
 

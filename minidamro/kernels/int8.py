@@ -30,11 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import choices, cpu
-from .linear import MAX_ROWS, forced_name, interleaved
+from .linear import MAX_ROWS, POOL_BYTES, forced_name, interleaved
 
 ENV = "MINIDAMRO_INT8"
-FORMS = ("int8pack", "dequant")
-POOL_BYTES = 64 << 20
 
 
 def quantize(w: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +60,7 @@ def _dequant(x, q, s, b):
 
 
 FORMULAS = {"int8pack": _int8pack, "dequant": _dequant}
+FORMS = tuple(FORMULAS)
 
 
 def forced() -> str | None:
@@ -96,7 +95,7 @@ def choose(q, s, rows: int, dtype) -> str:
     else:
         timed = 32 if rows <= 64 else 512
         key = ("int8", "gemm", dtype, *q.shape, f"rows~{timed}")
-    return choices.decide(key, lambda: choices.fastest(measure(q, s, timed, dtype)), tuple(available()))
+    return choices.decide(key, lambda: choices.fastest(measure(q, s, timed, dtype)), available)
 
 
 def int8_linear(x, q, s, b=None):

@@ -119,7 +119,7 @@ def measure(w, rows: int, has_bias: bool, reps: int = 2) -> dict[str, float]:
 
 def choose(w, rows: int, has_bias: bool) -> str:
     return choices.decide(("linear", w.device.type, w.dtype, *w.shape, rows, has_bias),
-                          lambda: choices.fastest(measure(w, rows, has_bias)), candidates(rows))
+                          lambda: choices.fastest(measure(w, rows, has_bias)), lambda: candidates(rows))
 
 
 def gemm_in_float32(dtype) -> bool:
