@@ -40,6 +40,7 @@ class Method:
     check: Callable           # (model, cfg) -> None, raises MinidamroError on a bad setting
     prepare: Callable         # (model, pixels (tiles, 3, S, S), cfg, generator, image_size=None) -> Prepared
     rule: Callable | None     # (cfg, logits: rows of (V,) float32, one per stream) -> scores (V,); None: one stream
+    random: bool = False      # prepare draws from the generator (VCD's noise): it differs from seed to seed
 
 
 @dataclass

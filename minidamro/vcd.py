@@ -76,4 +76,4 @@ def prepare(model: Llava, pixels, cfg: VcdConfig, generator: torch.Generator | N
                     {"noise_step": cfg.noise_step})
 
 
-METHOD = Method("vcd", VcdConfig, check, prepare, rule)
+METHOD = Method("vcd", VcdConfig, check, prepare, rule, random=True)

@@ -1,4 +1,5 @@
 """The evaluation run: answers file, resume after a kill, shards, per-image reuse, input checks (tiny model)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -248,3 +249,124 @@ def test_next_checkpoint_reuse_gives_the_per_question_answers(next_checkpoints, 
     run_ok(capsys, pope_args(ckpt, pope_set, tmp_path / "single", "--no-reuse", *method))
     a, b = answers(tmp_path / "reuse" / "answers.jsonl"), answers(tmp_path / "single" / "answers.jsonl")
     assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b] and len(a) == 24
+
+
+def test_prompt_template_and_system_are_settings(checkpoints, pope_set, reference_run, tmp_path, capsys):
+    """The prompt is the template with the question in it, after the system text; both are stored in run.json,
+    a change is refused on resume naming the setting, and score shows them."""
+    out = tmp_path / "run"
+    argv = pope_args(checkpoints["mha"], pope_set, out, "--prompt-template", "Q: {question} (yes or no)",
+                     "--system", "", "--json")
+    run_ok(capsys, argv)
+    rows = answers(out / "answers.jsonl")
+    assert rows[0]["prompt"] == "Q: Is there a dog in the image? (yes or no)"
+    settings = json.load(open(out / "run.json"))
+    assert settings["prompt_template"] == "Q: {question} (yes or no)" and settings["system"] == ""
+    with pytest.raises(SystemExit) as e:
+        main(pope_args(checkpoints["mha"], pope_set, out, "--system", ""))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "prompt_template" in err and "(yes or no)" in err
+    text, _ = run_ok(capsys, ["score", str(out)])
+    assert 'prompt "Q: {question} (yes or no)" after system text ""' in text
+    default = json.load(open(reference_run / "run.json"))
+    assert default["prompt_template"] == "{question} Please answer this question with one word."
+    assert default["system"].startswith("A chat between a curious human")
+
+
+def test_a_run_made_before_prompt_templates_resumes_with_the_default(checkpoints, pope_set, reference_run, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    settings = json.load(open(out / "run.json"))
+    del settings["prompt_template"]
+    (out / "run.json").write_text(json.dumps(settings))
+    out_text, _ = run_ok(capsys, pope_args(checkpoints["mha"], pope_set, out, "--json"))  # nothing left: scores
+    assert json.loads(out_text.splitlines()[-1])["answers"] == 24
+    with pytest.raises(SystemExit):
+        main(pope_args(checkpoints["mha"], pope_set, out, "--prompt-template", "{question}"))
+    assert "prompt_template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, template, message", [
+    ("pope", "Is there a dog?", "must contain {question}"),
+    ("mme", "   ", "is empty"),
+    ("chair", "Describe {question}", "CHAIR asks no question"),
+])
+def test_impossible_prompt_templates_are_one_line(checkpoints, pope_set, tmp_path, capsys, command, template, message):
+    common = ["--model", checkpoints["mha"], "--out", str(tmp_path / "r"), "--prompt-template", template]
+    argv = {"pope": ["pope", "--questions", str(pope_set / "coco_pope_random.jsonl"), "--images", str(pope_set / "img")],
+            "mme": ["mme", "--data", str(tmp_path)],
+            "chair": ["chair", "--images", str(pope_set / "img"), "--image-list", str(tmp_path / "l.txt"),
+                      "--ground-truth", str(tmp_path / "gt.json")]}[command]
+    (tmp_path / "gt.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        main(argv + common)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and message in err and not (tmp_path / "r").exists()
+
+
+def test_seeds_are_runs_of_their_own_that_share_the_image_prefix(checkpoints, pope_set, tmp_path, capsys, monkeypatch):
+    """--seeds 2 writes OUT/seed-42 and OUT/seed-43, each answer for answer the run of that --seed alone (so
+    keeping the image's prefix from one seed to the next changes nothing), with the image prepared once per
+    image for DAMRO (its preparation draws nothing) and once per image and seed for VCD; score gives mean ± std."""
+    from minidamro import damro, methods, vcd
+    from minidamro.eval import score as score_mod
+    calls = {"damro": 0, "vcd": 0}
+    for name, module in (("damro", damro), ("vcd", vcd)):
+        original = module.METHOD.prepare
+
+        def counted(*args, _original=original, _name=name, **kw):
+            calls[_name] += 1
+            return _original(*args, **kw)
+        monkeypatch.setitem(methods.METHODS, name, dataclasses.replace(module.METHOD, prepare=counted))
+    for method in ("damro", "vcd"):
+        out = tmp_path / method
+        argv = pope_args(checkpoints["mha"], pope_set, out, "--method", method, "--temperature", "1", "--seeds", "2")
+        text, _ = run_ok(capsys, argv)
+        assert "mean ± sample std over seeds [42, 43]" in text
+        assert sorted(os.listdir(out)) == ["metrics.json", "seed-42", "seed-43"]
+        for seed in (42, 43):
+            alone = tmp_path / f"{method}-alone-{seed}"
+            run_ok(capsys, pope_args(checkpoints["mha"], pope_set, alone, "--method", method, "--temperature", "1",
+                                     "--seed", str(seed)))
+            assert answers(out / f"seed-{seed}" / "answers.jsonl") == answers(alone / "answers.jsonl")
+            assert json.load(open(out / f"seed-{seed}" / "run.json")) == json.load(open(alone / "run.json"))
+        m = json.load(open(out / "metrics.json"))
+        per = [m["per_seed"][s]["coco_pope_random"]["damro"]["accuracy"] for s in ("42", "43")]
+        assert m["seeds"] == [42, 43] and m["mean"]["coco_pope_random"]["damro"]["accuracy"] == sum(per) / 2
+        assert m["std"]["coco_pope_random"]["damro"]["accuracy"] == pytest.approx(abs(per[0] - per[1]) / 2 ** 0.5,
+                                                                                  rel=1e-12)
+    # 4 images; the runs of one seed alone prepare each image once per run: 2 x 4 for the single-seed runs
+    assert calls["damro"] == 4 + 2 * 4 and calls["vcd"] == 2 * 4 + 2 * 4
+    assert score_mod.seed_dirs(tmp_path / "damro")[0][0] == 42
+    text, _ = run_ok(capsys, pope_args(checkpoints["mha"], pope_set, tmp_path / "damro", "--method", "damro",
+                                       "--temperature", "1", "--seeds", "42,43"))  # resumes: nothing to do
+    assert "damro alpha=2 beta=0.1 topk=10" in text
+
+
+def test_score_tabulates_methods_side_by_side_and_refuses_other_differences(checkpoints, pope_set, reference_run,
+                                                                          tmp_path, capsys):
+    damro_run, other = tmp_path / "damro", tmp_path / "other"
+    run_ok(capsys, pope_args(checkpoints["mha"], pope_set, damro_run, "--method", "damro"))
+    text, _ = run_ok(capsys, ["score", str(reference_run), str(damro_run)])
+    lines = text.splitlines()
+    assert lines[0].startswith("pope: 2 runs; greedy; seed 42; rule damro")
+    body = [line.split() for line in lines[3:]]
+    assert [(b[0], b[1]) for b in body] == [("coco_pope_random", "plain"), ("coco_pope_random", "damro"),
+                                            ("coco_pope_popular", "plain"), ("coco_pope_popular", "damro"),
+                                            ("average", "plain"), ("average", "damro")]
+    m = json.load(open(reference_run / "metrics.json"))
+    assert body[0][2] == f"{100 * m['coco_pope_random']['damro']['accuracy']:.2f}"
+    md, _ = run_ok(capsys, ["score", str(reference_run), str(damro_run), "--markdown", "--rule", "pope", "--json"])
+    t = json.loads(md)
+    assert t["columns"][:3] == ["split", "method", "Acc"] and t["rule"] == "pope" and len(t["rows"]) == 6
+    assert t["rows"][0]["values"][0] == pytest.approx(100 * m["coco_pope_random"]["pope"]["accuracy"], rel=1e-12)
+    md, _ = run_ok(capsys, ["score", str(reference_run), str(damro_run), "--markdown"])
+    assert md.splitlines()[1].startswith("| split | method | Acc |")
+    run_ok(capsys, pope_args(checkpoints["mha"], pope_set, other, "--max-new-tokens", "5"))
+    with pytest.raises(SystemExit) as e:
+        main(["score", str(reference_run), str(other)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "max_new_tokens = 6" in err and "max_new_tokens = 5" in err
+    text, _ = run_ok(capsys, ["score", str(reference_run), str(other), "--allow-differences"])
+    assert "differing: " in text.splitlines()[0]

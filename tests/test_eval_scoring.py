@@ -104,6 +104,24 @@ def test_pope_rules_by_hand():
     assert m["accuracy"] == 0.5 and m["yes_ratio"] == 0.5 and m["precision"] == 1.0
 
 
+def test_every_answer_is_accounted_for_beside_the_released_numbers():
+    """Each rule's reading of each answer, the share read as yes and the questions answered neither yes nor no;
+    the released numbers stay exactly the scripts' (same dict, keys added only)."""
+    labels = ["yes", "no", "yes", "no", "no", "yes"]
+    answers = ["yes", "No", "maybe", "Yes, no doubt", "It is absent", "There is a dog."]
+    got = pope.score(labels, answers, ids=[11, 12, 13, 14, 15, 16])
+    assert got["damro"]["read"] == {"yes": 1, "no": 1, "both": 1, "neither": 3}
+    assert got["damro"]["neither"] == 3 and got["damro"]["neither_ids"] == [13, 15, 16]
+    assert got["damro"]["said_yes_ratio"] == 1 / 6
+    # the official rule: "Yes, no doubt" has the token "no"; an answer without yes / no tokens is read as yes
+    assert got["pope"]["read"] == {"yes": 1, "no": 2, "neither": 3} and got["pope"]["neither_ids"] == [13, 15, 16]
+    assert got["pope"]["said_yes_ratio"] == 1 / 6 and got["pope"]["yes_ratio"] == 4 / 6
+    assert {k: got["damro"][k] for k in pope.score_damro(labels, answers)} == pope.score_damro(labels, answers)
+    assert {k: got["pope"][k] for k in pope.score_pope(labels, answers)} == pope.score_pope(labels, answers)
+    # the released damro yes-ratio counts the "neither" answer to a no-question as a yes; said_yes_ratio does not
+    assert got["damro"]["yes_ratio"] == 2 / 6
+
+
 def test_score_pope_reads_each_released_format(tmp_path, capsys):
     from minidamro.eval.__main__ import main
     q = tmp_path / "q.jsonl"

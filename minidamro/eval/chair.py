@@ -57,15 +57,20 @@ def load_nltk():
 
 
 class Chair:
-    def __init__(self):
+    def __init__(self, synonyms: str | None = None):
+        """synonyms: the vocabulary, one line per object, its forms separated by ", ", the first form the
+        object's node word (default: the reference's COCO list)."""
         self.nltk, wordnet, self.lemmatizer = load_nltk()
         # tag[0] J, V, N, R -> WordNet's a, v, n, r; anything else is lemmatized as a noun.
         self.pos = {"J": wordnet.ADJ, "V": wordnet.VERB, "N": wordnet.NOUN, "R": wordnet.ADV}
         self.noun = wordnet.NOUN
-        with open(SYNONYMS) as f:
-            # Kept verbatim, quirks included: a double space in the file leaves forms with a leading space
-            # (" motor bike", " cheesecake") that no caption word can ever equal.
-            synonyms = [line.strip().split(", ") for line in f.read().splitlines()]
+        try:
+            with open(synonyms or SYNONYMS, encoding="utf-8") as f:
+                # Kept verbatim, quirks included: a double space in the file leaves forms with a leading space
+                # (" motor bike", " cheesecake") that no caption word can ever equal.
+                synonyms = [line.strip().split(", ") for line in f.read().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise MinidamroError(f"cannot read the CHAIR synonym list {synonyms}: {e}") from None
         self.node = {}  # every form -> its COCO category (the first form of its line)
         for forms in synonyms:
             for s in forms:

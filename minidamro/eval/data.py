@@ -19,6 +19,25 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 POPE_SPLITS = ("random", "popular", "adversarial")
 POPE_SUFFIX = " Please answer this question with one word."  # the DAMRO / VCD POPE prompt
 CHAIR_PROMPT = "Generate a short caption of this image."
+# What each benchmark sends by default (--prompt-template), {question} standing for the question's text:
+# POPE: the DAMRO and VCD scripts' `qs + " Please answer this question with one word."`; CHAIR: DAMRO's caption
+# prompt (no question); MME: the question as the release words it (it ends "Please answer yes or no.").
+TEMPLATES = {"pope": "{question}" + POPE_SUFFIX, "chair": CHAIR_PROMPT, "mme": "{question}"}
+
+
+def check_template(task: str, template: str):
+    """POPE's and MME's templates must place the question; CHAIR has none to place."""
+    if not template.strip():
+        raise MinidamroError("--prompt-template is empty")
+    if task == "chair" and "{question}" in template:
+        raise MinidamroError("--prompt-template: CHAIR asks no question, so its prompt has no {question}")
+    if task != "chair" and "{question}" not in template:
+        raise MinidamroError(f"--prompt-template for {task} must contain {{question}}, where the question goes")
+
+
+def fill(template: str, question: str) -> str:
+    """The prompt: the template with each {question} replaced (a plain replace: other braces stay as written)."""
+    return template.replace("{question}", question)
 
 
 @dataclass
@@ -78,7 +97,7 @@ def read_jsonl(path: str, required: dict, problems: list) -> list[tuple[int, dic
     return out
 
 
-def pope_items(files: list[str], images: str, problems: list) -> list[Item]:
+def pope_items(files: list[str], images: str, problems: list, template: str = TEMPLATES["pope"]) -> list[Item]:
     items, stems = [], set()
     for name in files:
         path = pope_file(name)
@@ -92,7 +111,7 @@ def pope_items(files: list[str], images: str, problems: list) -> list[Item]:
                 problems.append(f"{path}:{n}: question_id {q['question_id']} repeated")
                 continue
             seen.add(q["question_id"])
-            items.append(Item(f"{stem}/{q['question_id']}", os.path.join(images, q["image"]), q["text"] + POPE_SUFFIX,
+            items.append(Item(f"{stem}/{q['question_id']}", os.path.join(images, q["image"]), fill(template, q["text"]),
                               f"{path}:{n}", {"file": stem, "question_id": q["question_id"], "label": q["label"],
                                               "text": q["text"]}))
     return items
@@ -103,7 +122,7 @@ def coco_image_id(name: str):
     return int(m.group(1)) if m else None
 
 
-def chair_items(image_list: str, images: str, problems: list) -> list[Item]:
+def chair_items(image_list: str, images: str, problems: list, template: str = TEMPLATES["chair"]) -> list[Item]:
     """image_list: JSON lines {image, image_id} (DAMRO's data/chair file), or one file name per line (the
     image id is then the number at the end of a COCO file name)."""
     items, seen = [], set()
@@ -132,12 +151,12 @@ def chair_items(image_list: str, images: str, problems: list) -> list[Item]:
             problems.append(f"{image_list}:{n}: image_id {image_id} repeated")
             continue
         seen.add(image_id)
-        items.append(Item(f"chair/{image_id}", os.path.join(images, name), CHAIR_PROMPT, f"{image_list}:{n}",
+        items.append(Item(f"chair/{image_id}", os.path.join(images, name), template, f"{image_list}:{n}",
                           {"image_id": image_id, "image_name": name}))
     return items
 
 
-def mme_items(data: str, tasks: list[str], problems: list) -> list[Item]:
+def mme_items(data: str, tasks: list[str], problems: list, template: str = TEMPLATES["mme"]) -> list[Item]:
     if not os.path.isdir(data):
         raise MinidamroError(f"MME directory {data} does not exist")
     items = []
@@ -152,7 +171,7 @@ def mme_items(data: str, tasks: list[str], problems: list) -> list[Item]:
             if q["label"] is None:
                 problems.append(f"{q['source']}: not 'question<TAB>answer'")
                 continue
-            items.append(Item(f"{task}/{i:04d}", q["image"], q["question"], q["source"],
+            items.append(Item(f"{task}/{i:04d}", q["image"], fill(template, q["question"]), q["source"],
                               {"task": task, "image_name": q["image_name"], "question": q["question"],
                                "label": q["label"]}))
     return items

@@ -6,6 +6,10 @@ tokens. Per question: each cache is rewound to that prefix, the question's own i
 and the streams are decoded by the contrastive core as `generate` decodes them. `reuse=False` is the
 per-question path, exactly `generate`'s (`contrastive.generate`).
 
+Several seeds (eval --seeds) answer each image in turn: where the method's preparation draws nothing from the
+generator (plain, DAMRO), the image's prefix caches are kept from one seed to the next and only the questions
+are decoded again; VCD's noised image is each seed's own, so its prefix is built again.
+
 Prefilling a prefix and then the rest equals one prefill of the whole prompt up to float rounding (a matrix
 product over fewer rows may round differently), so an answer can differ from the per-question path where
 two tokens are nearly tied; the benchmark counts how often. VCD differs more: with reuse its noised image is
@@ -39,6 +43,7 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.rule = None if method.rule is None else (lambda rows: method.rule(cfg, rows))
         self.caches = None  # allocated once per run, at the longest size asked for so far
+        self.prefix_of = None  # seed or None: whose prefix the caches hold, with (prepared, lengths)
 
     def ids(self, prompt: str, image_size=None):
         cfg = self.model.cfg  # LLaVA-NeXT: its template, and an image-token count that depends on the image size
@@ -49,29 +54,35 @@ class Engine:
     def room(self, n_ids: int) -> int:
         return min(self.max_new_tokens, self.model.cfg.text.max_position_embeddings - n_ids)
 
-    def sampler(self, item_id: str):
-        seed = derived_seed(self.seed, item_id)
+    def sampler(self, item_id: str, run_seed: int):
+        seed = derived_seed(run_seed, item_id)
         return seed, Sampler(self.temperature, self.top_p, seed, self.device)
 
-    def answer_image(self, pixels, prompts: list[tuple[str, str]], image_key: str = "", image_size=None):
+    def answer_image(self, pixels, prompts: list[tuple[str, str]], image_key: str = "", image_size=None,
+                     seed: int | None = None, same_image: bool = False):
         """prompts: [(item id, prompt)] about one image -> yields (item id, seed, token ids, info) in order.
-        pixels, image_size: as anyres.model_pixels gives them (LLaVA-NeXT: tiles and the image's size)."""
+        pixels, image_size: as anyres.model_pixels gives them (LLaVA-NeXT: tiles and the image's size).
+        seed: the run's seed for these answers (default: the engine's). same_image: the previous call's image
+        (another seed's questions about it), whose prefix can be kept."""
+        seed = self.seed if seed is None else seed
         if not self.reuse:
             for item_id, prompt in prompts:
                 ids = self.ids(prompt, image_size)
-                seed, sampler = self.sampler(item_id)
+                seed_q, sampler = self.sampler(item_id, seed)
                 info, tokens = contrastive.generate(self.model, ids, pixels, self.method, self.cfg, sampler,
                                                     self.room(len(ids)), image_size=image_size)
-                yield item_id, seed, list(tokens), info
+                yield item_id, seed_q, list(tokens), info
         elif self.batch_questions:
-            yield from self._answer_image_batched(pixels, prompts, image_key, image_size)
+            yield from self._answer_image_batched(pixels, prompts, image_key, image_size, seed)
         else:
-            yield from self._answer_image_reused(pixels, prompts, image_key, image_size)
+            if not same_image:
+                self.prefix_of = None
+            yield from self._answer_image_reused(pixels, prompts, image_key, image_size, seed)
 
-    def _prefix(self, pixels, prompts, image_key, image_size):
+    def _prefix(self, pixels, prompts, image_key, image_size, seed):
         """Per image: the method's preparation, the prompts' ids, where the shared prefix ends, each stream's prefix."""
         image_token = self.model.cfg.image_token_index
-        generator = torch.Generator(self.device).manual_seed(derived_seed(self.seed, "image/" + image_key))
+        generator = torch.Generator(self.device).manual_seed(derived_seed(seed, "image/" + image_key))
         prepared = self.method.prepare(self.model, pixels.to(self.device), self.cfg, generator, image_size=image_size)
         all_ids = [self.ids(p, image_size) for _, p in prompts]
         end = int((all_ids[0] == image_token).nonzero()[-1]) + 1  # the prefix: up to the end of the image run
@@ -82,31 +93,42 @@ class Engine:
         return prepared, all_ids, end, prefixes
 
     @torch.inference_mode()
-    def _answer_image_reused(self, pixels, prompts, image_key, image_size):
+    def _answer_image_reused(self, pixels, prompts, image_key, image_size, seed):
         model = self.model
-        prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key, image_size)
-        longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
-        if self.caches is None or any(c.max_len < len(p) + longest for c, p in zip(self.caches, prefixes)):
-            self.caches = [new_cache(model, len(p) + longest) for p in prefixes]
-        for cache, p, f in zip(self.caches, prefixes, prepared.features):
-            cache.length = 0
-            prefill(model, model.embed(p, f), cache)
-        lengths = [c.length for c in self.caches]
+        key = seed if self.method.random else None
+        if self.prefix_of is not None and self.prefix_of[0] == key:  # another seed, same image: keep the prefix
+            prepared, lengths = self.prefix_of[1]
+            all_ids = [self.ids(p, image_size) for _, p in prompts]
+            end = int((all_ids[0] == model.cfg.image_token_index).nonzero()[-1]) + 1
+            longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
+            fits = all(c.max_len >= n + longest for c, n in zip(self.caches, lengths))
+        else:
+            fits = False
+        if not fits:
+            prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key, image_size, seed)
+            longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
+            if self.caches is None or any(c.max_len < len(p) + longest for c, p in zip(self.caches, prefixes)):
+                self.caches = [new_cache(model, len(p) + longest) for p in prefixes]
+            for cache, p, f in zip(self.caches, prefixes, prepared.features):
+                cache.length = 0
+                prefill(model, model.embed(p, f), cache)
+            lengths = [c.length for c in self.caches]
+            self.prefix_of = (key, (prepared, lengths))
         for (item_id, _), ids in zip(prompts, all_ids):
-            seed, sampler = self.sampler(item_id)
+            seed_q, sampler = self.sampler(item_id, seed)
             contrastive.rewind(self.caches, lengths)  # the question's positions are overwritten in place
             rest = model.language_model.embed_tokens(ids[end:])[None]  # (1, T, D): the question's own ids
             logits = [prefill(model, rest, cache) for cache in self.caches]
             tokens = list(contrastive.decode(model, logits, self.caches, self.rule, sampler, self.room(len(ids))))
-            yield item_id, seed, tokens, prepared.info
+            yield item_id, seed_q, tokens, prepared.info
 
     @torch.inference_mode()
-    def _answer_image_batched(self, pixels, prompts, image_key, image_size):
+    def _answer_image_batched(self, pixels, prompts, image_key, image_size, seed):
         """The questions of one image decoded together: one row per (question, stream), each row with its own
         cache holding a copy of its stream's prefix; one forward per step for every unfinished row.
         An experiment (--batch-questions): see docs/evaluation.md for whether it pays on a CPU."""
         model, eos = self.model, self.model.cfg.text.eos_token_id
-        prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key, image_size)
+        prepared, all_ids, end, prefixes = self._prefix(pixels, prompts, image_key, image_size, seed)
         S = len(prepared.features)
         longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
         shared = [new_cache(model, len(p)) for p in prefixes]
@@ -114,8 +136,8 @@ class Engine:
             prefill(model, model.embed(p, f), cache)
         rows, samplers, seeds, out, logits, room = [], [], [], [], [], []
         for (item_id, _), ids in zip(prompts, all_ids):
-            seed, sampler = self.sampler(item_id)
-            seeds.append(seed)
+            seed_q, sampler = self.sampler(item_id, seed)
+            seeds.append(seed_q)
             samplers.append(sampler)
             room.append(self.room(len(ids)))
             rest = model.language_model.embed_tokens(ids[end:])[None]

@@ -54,6 +54,37 @@ def score_pope(labels: list[str], answers: list[str]) -> dict:
     return metrics(tp, fp, tn, fn, tp + fp + tn + fn, tp + fp)
 
 
-def score(labels: list[str], answers: list[str]) -> dict:
-    """Both rules: {"damro": {...}, "pope": {...}}, fractions in [0, 1] plus the four counts."""
-    return {"damro": score_damro(labels, answers), "pope": score_pope(labels, answers)}
+def read_damro(answer: str) -> str:
+    """What an answer says, under the damro rule's substring reading: "yes", "no", "both" (it contains both:
+    the rule calls it right whatever the label) or "neither" (the rule calls it wrong whatever the label: a
+    false "no" to a yes-question, a false "yes" to a no-question)."""
+    a = answer.lower().strip()
+    return {(True, False): "yes", (False, True): "no", (True, True): "both", (False, False): "neither"}[
+        ("yes" in a, "no" in a)]
+
+
+def read_pope(answer: str) -> str:
+    """Under the official rule: "no", "yes" (a Yes / yes token in the first sentence), or "neither" (no such
+    token either way, which the rule reads as yes)."""
+    if pope_says_no(answer):
+        return "no"
+    words = answer.split(".")[0].replace(",", "").split(" ")
+    return "yes" if "Yes" in words or "yes" in words else "neither"
+
+
+def accounting(reads: list[str], ids: list | None) -> dict:
+    """Every answer accounted for: how many the rule reads as each, the share read as a plain yes, and which
+    ones are neither (with `ids`)."""
+    counts = {k: reads.count(k) for k in ("yes", "no", "both", "neither") if k != "both" or "both" in reads}
+    out = {"read": counts, "said_yes_ratio": ratio(counts["yes"], len(reads)), "neither": counts["neither"]}
+    if ids is not None:
+        out["neither_ids"] = [i for i, r in zip(ids, reads, strict=True) if r == "neither"]
+    return out
+
+
+def score(labels: list[str], answers: list[str], ids: list | None = None) -> dict:
+    """Both rules: {"damro": {...}, "pope": {...}}, fractions in [0, 1] plus the four counts (exactly the
+    released scripts' numbers), and beside them each rule's accounting of the answers (read, said_yes_ratio:
+    answers read as yes / all answers, neither and, with `ids`, which questions those are)."""
+    return {"damro": score_damro(labels, answers) | accounting([read_damro(a) for a in answers], ids),
+            "pope": score_pope(labels, answers) | accounting([read_pope(a) for a in answers], ids)}

@@ -41,8 +41,9 @@ def answers_name(k: int, n: int) -> str:
     return "answers.jsonl" if n == 1 else f"answers.{k}-of-{n}.jsonl"
 
 
-def check_settings(out: str, settings: dict):
-    """Record the settings on a fresh directory; refuse different ones naming the first difference."""
+def check_settings(out: str, settings: dict, absent: dict | None = None):
+    """Record the settings on a fresh directory; refuse different ones naming the first difference.
+    absent: settings that runs made by older versions did not record, with the value they then had."""
     path = os.path.join(out, "run.json")
     if not os.path.exists(path):
         os.makedirs(out, exist_ok=True)
@@ -51,8 +52,11 @@ def check_settings(out: str, settings: dict):
     try:
         with open(path) as f:
             old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise MinidamroError(f"cannot read {path}: {e}") from None
+    old = {**(absent or {}), **old}
     for key in list(settings) + [k for k in old if k not in settings]:  # the first difference in the run's order
         if old.get(key) != settings.get(key):
             raise MinidamroError(f"{out} holds a run with {key} = {json.dumps(old.get(key))}, this command has "

@@ -21,7 +21,8 @@ def pope_metrics(items: list[data.Item], answers: dict) -> dict:
     out = {}
     for stem in dict.fromkeys(it.meta["file"] for it in items):
         mine = [it for it in items if it.meta["file"] == stem]
-        out[stem] = pope.score([it.meta["label"] for it in mine], [answers[it.id] for it in mine])
+        out[stem] = pope.score([it.meta["label"] for it in mine], [answers[it.id] for it in mine],
+                               [it.meta["question_id"] for it in mine])
     return out
 
 
@@ -49,14 +50,14 @@ def released_pope(question_files: list[str], answer_files: list[str]) -> dict:
     return pope_metrics(items, answers)
 
 
-def chair_metrics(captions: list[tuple], ground_truth: str) -> dict:
-    c = chair.Chair()
+def chair_metrics(captions: list[tuple], ground_truth: str, synonyms: str | None = None) -> dict:
+    c = chair.Chair(synonyms)
     gt = c.ground_truth(ground_truth, [chair.image_key(i) for i, _ in captions])
     result = c.score(captions, gt)
     return {**result["overall_metrics"], **result}
 
 
-def released_chair(captions_file: str, ground_truth: str) -> dict:
+def released_chair(captions_file: str, ground_truth: str, synonyms: str | None = None) -> dict:
     """A .json list or .jsonl of {image_id, caption} (minidamro's answers file works too: `answer`)."""
     try:
         with open(captions_file, encoding="utf-8") as f:
@@ -67,7 +68,7 @@ def released_chair(captions_file: str, ground_truth: str) -> dict:
                     if "skipped" not in o]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MinidamroError(f"cannot read captions {captions_file}: {type(e).__name__} {e}") from None
-    return chair_metrics(captions, ground_truth)
+    return chair_metrics(captions, ground_truth, synonyms)
 
 
 def write_mme_results(answers: list[dict], results: str):
@@ -102,11 +103,78 @@ def score_run(out: str) -> dict:
         metrics = pope_metrics(items, {a["id"]: a["answer"] for a in answered})
     elif task == "chair":
         answered.sort(key=lambda a: a["index"])
-        metrics = chair_metrics([(a["image_id"], a["answer"]) for a in answered], settings["ground_truth"])
+        metrics = chair_metrics([(a["image_id"], a["answer"]) for a in answered], settings["ground_truth"],
+                                settings.get("synonyms"))
     else:
         results = os.path.join(out, "mme_results")
         write_mme_results(answered, results)
         metrics = mme.score_results_dir(results)
-    metrics = {**metrics, "answers": len(answered), "skipped": skipped}
+    metrics = {**metrics, "answers": len(answered), "skipped": skipped, "settings": settings}
     write_json_atomic(os.path.join(out, "metrics.json"), metrics, indent=1)
     return metrics
+
+
+# ------------------------------------------------------------------------------ several seeds: mean ± std
+
+def seed_dirs(parent: str) -> list[tuple[int, str]]:
+    """The seed-S run directories of an `eval --seeds` run, by seed."""
+    if not os.path.isdir(parent):
+        return []
+    found = []
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith("seed-") and name[5:].isdigit() and os.path.isfile(os.path.join(path, "run.json")):
+            found.append((int(name[5:]), path))
+    return sorted(found)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def tree_stats(runs: list[dict]) -> tuple[dict, dict]:
+    """(mean, std) of every number at the same place in each run's metrics (nested dicts, and lists of numbers
+    element by element; other lists, text and the settings left out). std is the sample standard deviation
+    (n - 1), None for a single run; a value that is None in any run (a zero denominator) is None."""
+    mean, std = {}, {}
+    for key, first in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if key in ("settings", "sentences") or isinstance(first, str):
+            continue
+        if isinstance(first, list):
+            if all(isinstance(v, list) and len(v) == len(first) and all(map(is_number, v)) for v in values):
+                m, sd = tree_stats([dict(enumerate(v)) for v in values])
+                mean[key], std[key] = list(m.values()), list(sd.values())
+            continue
+        if isinstance(first, dict) and all(isinstance(v, dict) for v in values):
+            mean[key], std[key] = tree_stats(values)
+        elif all(is_number(v) for v in values):
+            m = sum(values) / len(values)
+            mean[key] = m
+            std[key] = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        elif is_number(first) or first is None:
+            mean[key] = std[key] = None
+    return mean, std
+
+
+def score_seeds(parent: str) -> dict:
+    """Score each seed's run of PARENT/seed-S and report each metric as mean ± std over the seeds, with the
+    per-seed metrics. The seeds' runs must agree in every setting but the seed."""
+    runs = seed_dirs(parent)
+    if not runs:
+        raise MinidamroError(f"{parent} holds no seed-S run directories")
+    per_seed = {seed: score_run(path) for seed, path in runs}
+    base = {k: v for k, v in per_seed[runs[0][0]]["settings"].items() if k != "seed"}
+    for seed, m in per_seed.items():
+        other = {k: v for k, v in m["settings"].items() if k != "seed"}
+        diff = next((k for k in list(base) + list(other) if base.get(k) != other.get(k)), None)
+        if diff is not None:
+            raise MinidamroError(f"{parent}: seed-{seed} was run with {diff} = {json.dumps(other.get(diff))}, "
+                                 f"seed-{runs[0][0]} with {json.dumps(base.get(diff))}")
+    mean, std = tree_stats(list(per_seed.values()))
+    out = {"seeds": [s for s, _ in runs], "mean": mean, "std": std,
+           "per_seed": {str(s): {k: v for k, v in m.items() if k not in ("settings", "sentences")}
+                        for s, m in per_seed.items()},
+           "settings": base | {"seeds": [s for s, _ in runs]}}
+    write_json_atomic(os.path.join(parent, "metrics.json"), out, indent=1)
+    return out

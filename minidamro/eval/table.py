@@ -1,0 +1,147 @@
+"""Methods side by side: `python -m minidamro.eval score RUN_DIR [RUN_DIR ...]` as one table in the papers' layout.
+
+Each RUN_DIR is one run, or the parent of an `--seeds` run (its cells are then mean ± std over the seeds). A
+row is a run, named by its method and the method's settings, read from its stored settings. The runs must
+agree in every other setting (the model, the questions, the prompt, the decoding, the seeds), or the
+comparison would not be of the methods alone: a difference is refused, naming it, unless allowed.
+
+    POPE   per question file (split), then their average: accuracy, precision, recall, F1, yes-ratio (the
+           released rule's numbers, % ), and the answers the rule reads as yes / as neither yes nor no
+    CHAIR  CHAIRs, CHAIRi, recall (%), and the mean caption length
+    MME    each task's score, and their total
+"""
+from dataclasses import fields
+
+from .. import MinidamroError, methods
+from .data import file_stem
+from .score import score_run, score_seeds, seed_dirs
+
+METHOD_KEYS = {"method"} | {f.name for m in methods.METHODS.values() for f in fields(m.config)}
+POPE_COLUMNS = (("accuracy", "Acc"), ("precision", "Prec"), ("recall", "Rec"), ("f1", "F1"), ("yes_ratio", "Yes"),
+                ("said_yes_ratio", "said yes"), ("neither", "neither"))
+
+
+def load(target: str) -> dict:
+    """A run directory or an --seeds parent -> {"target", "settings", "mean", "std" (None for one run), "n"}."""
+    if seed_dirs(target):
+        m = score_seeds(target)
+        return {"target": target, "settings": m["settings"], "mean": m["mean"], "std": m["std"], "n": len(m["seeds"])}
+    m = score_run(target)
+    return {"target": target, "settings": m["settings"], "mean": m, "std": None, "n": 1}
+
+
+def label(settings: dict) -> str:
+    """The method and its own settings: "damro alpha=2 beta=0.1 topk=10 outlier_attention=full"."""
+    cfg = methods.get(settings["method"]).config
+    value = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return " ".join([settings["method"]] + [f"{f.name}={value(settings[f.name])}" for f in fields(cfg)
+                                             if f.name in settings])
+
+
+def first_difference(runs: list[dict]) -> str | None:
+    base = runs[0]["settings"]
+    for r in runs[1:]:
+        s = r["settings"]
+        for key in list(base) + [k for k in s if k not in base]:
+            if key not in METHOD_KEYS and base.get(key) != s.get(key):
+                return (f"{runs[0]['target']} has {key} = {base.get(key)!r}, {r['target']} has {key} = "
+                        f"{s.get(key)!r}")
+    return None
+
+
+def get(tree, path):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def cell(run: dict, path: tuple, scale: float, digits: int):
+    """(mean, std) at `path`, scaled (100 for %)."""
+    m, s = get(run["mean"], path), get(run["std"], path) if run["std"] is not None else None
+    return (None if m is None else m * scale, None if s is None else s * scale, digits)
+
+
+def pope_table(runs: list[dict], rule: str) -> tuple[list[str], list[tuple[str, list]]]:
+    stems = [k for k, v in runs[0]["mean"].items() if isinstance(v, dict) and rule in v]
+    order = [file_stem(q) for q in runs[0]["settings"].get("question_files", [])]  # the command's order
+    stems.sort(key=lambda k: order.index(k) if k in order else len(order))
+    columns = ["split", "method"] + [name for _, name in POPE_COLUMNS]
+    rows = []
+    for stem in stems + (["average"] if len(stems) > 1 else []):
+        for r in runs:
+            if stem == "average":  # the mean over the splits of each run (LLaVA's POPE figure is F1's)
+                values = []
+                for key, _ in POPE_COLUMNS:
+                    per = [cell(r, (s, rule, key), 1 if key == "neither" else 100, 0 if key == "neither" else 2)
+                           for s in stems]
+                    if any(v[0] is None for v in per):
+                        values.append((None, None, 2))
+                    else:
+                        values.append((sum(v[0] for v in per) / len(per), None, per[0][2]))
+            else:
+                values = [cell(r, (stem, rule, key), 1 if key == "neither" else 100, 0 if key == "neither" else 2)
+                          for key, _ in POPE_COLUMNS]
+            rows.append(([stem, label(r["settings"])], values))
+    return columns, rows
+
+
+def chair_table(runs):
+    columns = ["method", "CHAIRs", "CHAIRi", "Recall", "Len"]
+    return columns, [([label(r["settings"])], [cell(r, (k,), 100, 2) for k in ("CHAIRs", "CHAIRi", "Recall")] +
+                      [cell(r, ("Len",), 1, 2)]) for r in runs]
+
+
+def mme_table(runs):
+    tasks = list(runs[0]["mean"]["tasks"])
+    columns = ["method"] + tasks + ["total"]
+    return columns, [([label(r["settings"])], [cell(r, ("tasks", t, "score"), 1, 2) for t in tasks] +
+                      [cell(r, ("total",), 1, 2)]) for r in runs]
+
+
+def fmt(v) -> str:
+    mean, std, digits = v
+    if mean is None:
+        return "n/a"
+    text = f"{mean:.{digits}f}"
+    return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def render(columns: list[str], rows, markdown: bool) -> str:
+    cells = [labels + [fmt(v) for v in values] for labels, values in rows]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+    width = [max(len(x) for x in [col] + [c[i] for c in cells]) for i, col in enumerate(columns)]
+    n_labels = len(rows[0][0]) if rows else 1
+    line = lambda c: "  ".join(x.ljust(w) if i < n_labels else x.rjust(w)  # noqa: E731
+                               for i, (x, w) in enumerate(zip(c, width)))
+    return "\n".join([line(columns), "  ".join("-" * w for w in width)] + [line(c) for c in cells])
+
+
+def table(targets: list[str], rule: str = "damro", markdown: bool = False, allow_differences: bool = False):
+    """-> (text, JSON-able dict) for the runs in `targets`."""
+    runs = [load(t) for t in targets]
+    tasks = {r["settings"]["task"] for r in runs}
+    if len(tasks) > 1:
+        raise MinidamroError(f"the runs are of different benchmarks ({', '.join(sorted(tasks))}): one table per task")
+    diff = first_difference(runs)
+    if diff and not allow_differences:
+        raise MinidamroError(f"the runs differ in more than the method: {diff} (--allow-differences to compare "
+                             "them anyway)")
+    task = tasks.pop()
+    columns, rows = pope_table(runs, rule) if task == "pope" else chair_table(runs) if task == "chair" else \
+        mme_table(runs)
+    s = runs[0]["settings"]
+    seeds = f"mean ± sample std over seeds {s['seeds']}" if "seeds" in s else f"seed {s.get('seed')}"
+    decoding = "greedy" if not s.get("temperature") else f"temperature {s['temperature']}, top-p {s.get('top_p')}"
+    head = (f"{task}: {len(runs)} runs; {decoding}; {seeds}" + (f"; rule {rule} (% except 'neither': answers)"
+                                                                 if task == "pope" else "") +
+            (f"; differing: {diff}" if diff else ""))
+    text = head + "\n" + render(columns, rows, markdown)
+    as_json = {"task": task, "rule": rule if task == "pope" else None, "columns": columns, "note": head,
+               "rows": [{"labels": labels, "values": [v[0] for v in values],
+                         "std": [v[1] for v in values]} for labels, values in rows],
+               "runs": [r["target"] for r in runs]}
+    return text, as_json
