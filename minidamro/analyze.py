@@ -5,8 +5,10 @@
     python -m minidamro.analyze photo.jpg --method vcd --noise-step 500 --out analysis-vcd/
 
 Writes into --out: vit_attention.png (the [CLS] attention at the selection layer, outliers numbered: the
-paper's Figure 1), decoder_attention.png (one map per generated word: Figures 2-3) and analysis.json (every
-number behind them, with H_i of Eq. 1 and F of Eq. 2 per generated token).
+paper's Figure 1), decoder_attention.png (one map per generated word: Figures 2-3), vit_outliers.png (the ViT's
+outlier-token diagnostics: patch-norm ratio per layer, the top-k's share of the [CLS] attention; outliers.py)
+and analysis.json (every number behind them, with H_i of Eq. 1 and F of Eq. 2 per generated token, and the
+diagnostics under "outlier_diagnostics").
 
 Decoder attention, as minidamro defines it (the paper does not say how it aggregates): the mean over all
 LLM layers and all heads of the attention row of the position whose logits chose the token (for the
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from PIL import Image
 
-from . import MinidamroError, contrastive, damro, draw, generation, methods
+from . import MinidamroError, contrastive, damro, draw, generation, methods, outliers
 from .capture import Capture
 from .generate import Parser, add_arguments, check_options, encode_prompt, guarded, method_config, system_text
 from .anyres import model_pixels
@@ -41,7 +43,7 @@ from .tokenizer import Tokenizer
 
 H_MAX = 10   # H_i for i = 1..10, as the paper reports
 F_TOP = 3    # F: the decoder's image attention share on the ViT's top-3 patches
-FILES = ("analysis.json", "vit_attention.png", "decoder_attention.png")
+FILES = ("analysis.json", "vit_attention.png", "decoder_attention.png", "vit_outliers.png")
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Analysis:
     tile_outliers: list[list[int]]  # NeXT: the same selection on each grid tile, row-major (unused by DAMRO)
     tokens: list[Token]
     words: list[dict]         # {"text", "tokens": indices into tokens}
+    outlier_diagnostics: dict  # the ViT's outlier-token diagnostics (outliers.diagnose, k = topk)
     image: Image.Image = field(repr=False)  # the preprocessed input, back in RGB (not written to the JSON)
 
 
@@ -218,10 +221,11 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
     return Analysis(model_dir, prompt, tok.decode(tokens), settings, layer, int(len(vit) ** 0.5), offset,
                     vit.tolist(), damro.select_outliers(cls_row, dcfg.topk).tolist(),
                     [damro.select_outliers(r, dcfg.topk).tolist() for r in cls_rows[1:]], records,
-                    split_words(tok, tokens), to_rgb_image(pixels, model.cfg.preprocessor))
+                    split_words(tok, tokens), outliers.diagnose(model, pixels, dcfg.topk, dcfg.outlier_attention),
+                    to_rgb_image(pixels, model.cfg.preprocessor))
 
 
-def figures(a: Analysis) -> tuple[Image.Image, Image.Image]:
+def figures(a: Analysis) -> tuple[Image.Image, Image.Image, Image.Image]:
     s, top3 = a.settings, sum(sorted(a.vit_attention, reverse=True)[:F_TOP])
     how = {"full": "full-width [CLS] q.k as DAMRO's code", "heads": "mean over heads"}[s["outlier_attention"]]
     name = os.path.basename(os.path.normpath(a.model)) if a.model else "model"
@@ -238,7 +242,7 @@ def figures(a: Analysis) -> tuple[Image.Image, Image.Image]:
         f"Decoder attention over the image per generated word ({s['method']} decoding; {name})",
         "mean of all layers and heads, row of the word's first piece; outlined: the ViT's top 3 patches; "
         "F: their share (Eq. 2); H3: top-3 overlap (Eq. 1)")
-    return vit, dec
+    return vit, dec, outliers.figure({name: a.outlier_diagnostics}, "ViT outlier-token diagnostics of this image")
 
 
 def write(a: Analysis, out_dir: str) -> None:
@@ -249,14 +253,15 @@ def write(a: Analysis, out_dir: str) -> None:
         obj = asdict(replace(a, image=None))
         del obj["image"]
         obj["F_top"], obj["H_indices"] = F_TOP, list(range(1, len(a.tokens[0].H) + 1)) if a.tokens else []
-        vit, dec = figures(a)
+        vit, dec, diag = figures(a)
 
         def save_json(path):
             with open(path, "w") as f:
                 json.dump(obj, f, ensure_ascii=False)
         for name, save in (("analysis.json", save_json),
                            ("vit_attention.png", lambda path: vit.save(path, format="PNG", optimize=True)),
-                           ("decoder_attention.png", lambda path: dec.save(path, format="PNG", optimize=True))):
+                           ("decoder_attention.png", lambda path: dec.save(path, format="PNG", optimize=True)),
+                           ("vit_outliers.png", lambda path: diag.save(path, format="PNG", optimize=True))):
             path = os.path.join(out_dir, name)
             save(path + ".tmp")
             os.replace(path + ".tmp", path)

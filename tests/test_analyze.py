@@ -217,12 +217,13 @@ def run(capsys, *argv):
     return (1, err + code + "\n") if isinstance(code, str) else (code, err)
 
 
-def test_command_writes_three_files(checkpoints, capsys, tmp_path):
+def test_command_writes_four_files(checkpoints, capsys, tmp_path):
     out = tmp_path / "a" / "b"
     main([EXAMPLE, "--model", checkpoints["mha"], "--out", str(out), "--max-new-tokens", "8", "--seed", "3",
           "--method", "damro", "--topk", "3", "--temperature", "1"])
     text, err = capsys.readouterr()
-    assert sorted(os.listdir(out)) == ["analysis.json", "decoder_attention.png", "vit_attention.png"]  # no .tmp
+    assert sorted(os.listdir(out)) == ["analysis.json", "decoder_attention.png", "vit_attention.png",
+                                      "vit_outliers.png"]  # no .tmp
     js = json.loads((out / "analysis.json").read_text())
     assert text.strip() == js["answer"].strip() and "wrote" in err
     assert js["settings"]["method"] == "damro"
