@@ -7,7 +7,7 @@ after an `export MINIDAMRO_MODEL` in its block), that install packages (CI does)
 that run this suite are listed, not run. The rest run with bash, exactly as written, in a fresh copy of the
 repository's tracked files (so outputs such as `--out analysis/` land there) against the shipped toy model,
 and must exit 0 with no traceback and no warning on stderr. The long ones (training, the lab, the benchmarks:
-minutes each) are marked `long` and run only with MINIDAMRO_LONG_TESTS=1.
+minutes each; an evaluation over several seeds) are marked `long` and run only with MINIDAMRO_LONG_TESTS=1.
 """
 import os
 import re
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDS_REAL = ("checkpoints/", "/path/to/", "hf download", "runs/", "--size 7b")  # --size 7b: 28 GB, 14+ GiB
-LONG = ("minidamro.toy train", "minidamro.toy eval", "minidamro.bench")
+LONG = ("minidamro.toy train", "minidamro.toy eval", "minidamro.bench", "--seeds", "toyeval/")
 
 
 def readme_commands() -> list[tuple[str, str]]:

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import tempfile
 
 import pytest
@@ -129,8 +130,8 @@ def test_training_data_of_each_stage():
     yes_no = {tok.sp_no_prefix.encode(" Yes")[0], tok.sp_no_prefix.encode(" No")[0]}
     assert len(first) == len(asked) and 0 < int((asked != -100).sum()) < len(asked)
     assert all((int(t) in yes_no) == (int(k) != -100) for t, k in zip(first, asked))
-    pixels, ids, targets, scenes = data.image_batch(tok, cfg, random.Random(3), 2, {"existence": 1.0})
-    assert pixels.shape == (2, 3, 112, 112) and len(scenes) == 2
+    pixels, ids, targets, scenes, asked = data.image_batch(tok, cfg, random.Random(3), 2, {"existence": 1.0})
+    assert pixels.shape == (2, 3, 112, 112) and len(scenes) == 2 and (asked != -100).all()
     assert (ids == image).sum(1).tolist() == [64, 64] and int(data.answer_starts(targets).sum()) == 2
     counts = {"existence": 0, "caption": 0, "attribute": 0}
     rng = random.Random(2)
@@ -143,6 +144,37 @@ def test_training_data_of_each_stage():
         counts[kind] += 1
     for kind, share in mix.items():  # 1000 draws: within 5 standard deviations
         assert abs(counts[kind] - 1000 * share) <= 5 * (1000 * share * (1 - share)) ** 0.5, counts
+
+
+def test_the_benchmarks_question_forms_are_true_and_drawn_in_stage_5():
+    """Stage 5 asks in the world's form, with POPE's suffix and in MME's forms; every question is true to the
+    scene, and the probe's asked kind is known for each existence form."""
+    rng = random.Random(8)
+    for _ in range(200):
+        s = world.sample_scene(rng)
+        for task in world.MME_TASKS:
+            for answer in (True, False):
+                q, a = world.mme_qa(task, s, answer, rng)
+                assert q.endswith(" Please answer yes or no.") and a == ("Yes" if answer else "No")
+                if task == "count":
+                    n = q.split()[2]
+                    assert (world.NUMBERS.index(n) == len(s.objects)) == answer
+                elif task == "color":
+                    colour, kind = q.split()[3:5]
+                    assert (s.get(kind).colour == colour) == answer
+                elif task == "position":
+                    kind, at, centre = re.match(r"Is the (\w+) (?:at the (.+)|in the (center)) of the image\?", q).groups()
+                    assert (s.get(kind).position == (at or centre)) == answer
+    assert world.existence_question("arrow", "pope") == ("Is there an arrow in the image? Please answer this "
+                                                         "question with one word.")
+    assert world.existence_question("arrow", "mme") == "Is there an arrow in this image? Please answer yes or no."
+    seen, rng = set(), random.Random(9)
+    for _ in range(300):
+        for q, _ in data.image_turns(rng, STAR, {"existence": 0.8, "attribute": 0.2}, 2, world.FORMS):
+            seen.add("pope" if "one word" in q else "mme" if "yes or no" in q else "toy")
+            existence = re.match(r"Is there an? (\w+) in (the|this) image\?", q)
+            assert data.asked_kinds([(q, "")]) == [world.KINDS.index(existence.group(1)) if existence else -100]
+    assert seen == {"toy", "pope", "mme"}
 
 
 def test_every_object_covers_a_patch():
@@ -221,11 +253,11 @@ def test_toy_metrics_known_answers():
 
 def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     tc = train.TrainConfig(batch=4, lr=3e-3, warmup=5, vit=(2, 32, 2), llm=(2, 48, 2), threads=1,
-                           vit_steps=3, text_steps=40, questions=2, align_steps=3, steps=3)
+                           vit_steps=3, text_steps=40, questions=2, align_steps=3, steps=3, format_steps=3)
     seen = []
     model, tok, tok_file, losses = train.train(tc, str(tmp_path), log=open(os.devnull, "w"),
                                                after_stage=lambda stage, m, f: seen.append(stage))
-    assert seen == list(train.STAGES) and [len(losses[s]) for s in seen] == [3, 40, 3, 3]
+    assert seen == list(train.STAGES) and [len(losses[s]) for s in seen] == [3, 40, 3, 3, 3]
     text = losses["text"]
     assert sum(text[-5:]) / 5 < 0.7 * sum(text[:5]) / 5, text
     train.save_checkpoint(model, tok_file, str(tmp_path / "ckpt"))
@@ -247,12 +279,29 @@ def test_training_a_tiny_version_lowers_the_loss_and_saves_a_loadable_checkpoint
     assert float((a - b).abs().max()) <= tol and int(a.argmax()) == int(b.argmax())
 
 
+def test_lab_over_several_decoding_seeds(capsys):
+    """`toy eval --seeds 0,1 --temperature 1`: one lab per seed, mean ± sample std of every number."""
+    from minidamro.toy.__main__ import main as toy_main
+    toy_main(["eval", "--images", "2", "--captions", "1", "--methods", "plain", "--seeds", "0,1", "--temperature",
+              "1", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    per = [result["per_seed"][s]["plain"]["random"]["accuracy"] for s in ("0", "1")]
+    assert result["mean"]["plain"]["random"]["accuracy"] == sum(per) / 2
+    assert result["std"]["plain"]["random"]["accuracy"] == pytest.approx(abs(per[0] - per[1]) / 2 ** 0.5, rel=1e-12)
+    assert result["mean"]["settings"]["decode_seeds"] == [0, 1] and "±" in out[2]
+    assert "temperature 1.0, mean ± sample std over decoding seeds [0, 1]" in "\n".join(out)
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--steps", "-1"], "steps >= 0"),
-    (["--vit-steps", "0", "--text-steps", "0", "--align-steps", "0", "--steps", "0"], "nothing to train"),
+    (["--vit-steps", "0", "--text-steps", "0", "--align-steps", "0", "--steps", "0", "--format-steps", "0"],
+     "nothing to train"),
     (["--init", "no/such/dir"], "not a minidamro checkpoint"),
-    (["--lr", "2"], "--lr and --joint-lr in (0, 1)"),
-    (["--joint-lr", "0"], "--lr and --joint-lr in (0, 1)"),
+    (["--lr", "2"], "--format-lr in (0, 1)"),
+    (["--joint-lr", "0"], "--format-lr in (0, 1)"),
+    (["--format-lr", "1"], "--format-lr in (0, 1)"),
+    (["--system-share", "1.5"], "--system-share in [0, 1]"),
     (["--mix", "0.5", "0.6", "0"], "--mix takes three shares"),
     (["--text-mix", "1", "0", "-0.5"], "--text-mix takes three shares"),
     (["--text-mix", "nan", "0.5", "0.5"], "--text-mix takes three shares"),
@@ -350,7 +399,8 @@ def test_lab_command_on_the_shipped_model(capsys):
     toy_main(["eval", "--images", "4", "--captions", "2", "--methods", "plain", "damro", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
-    assert set(result) == {"plain", "damro", "settings"} and "captions beyond CHAIR (%)" in "\n".join(out)
+    assert set(result) == {"plain", "damro", "settings", "outliers"} and "captions beyond CHAIR (%)" in "\n".join(out)
+    assert result["outliers"]["k"] == 10 and "the ViT's outlier tokens" in "\n".join(out)
     for method in ("plain", "damro"):
         r = result[method]
         for split in splits.SPLITS:

@@ -7,7 +7,9 @@ gives, and nothing else (no transformers, no numpy, no nltk, no pytest).
 `check` uses the standard library only. It runs, as subprocesses of the interpreter that runs it: `generate` on
 the shipped toy model; the converter on the tiny llava-hf checkpoint to float32, float16 and bfloat16;
 `generate` plain, DAMRO and VCD on each converted model, DAMRO again on each simulated CPU profile
-(minidamro/kernels/cpu.py), the converter's int8 output with DAMRO, and `analyze`; a toy training run that saves a checkpoint; and the
+(minidamro/kernels/cpu.py), the converter's int8 output with DAMRO, and `analyze`; a toy training run that saves
+a checkpoint; the benchmarks on toy scenes (`toy render --benchmarks`, `eval pope --seeds`, `eval score` of two
+runs, `eval mme`) and `toy outliers`; and the
 commands that need an optional package (the benchmark's transformers comparison, CHAIR's nltk), which must
 say so in one `error:` line. Every run's stderr must hold no traceback and no warning: what a user sees is the
 answer and minidamro's own `note:` / `error:` lines. CI (.ci/run) runs both steps; any failure exits 1.
@@ -88,7 +90,19 @@ def check(built: str):
          "--out", os.path.join(work, "analysis")])
     # Training saves a checkpoint (it used safetensors' numpy writer): the smallest run of every stage.
     run(["-m", "minidamro.toy", "train", "--out", os.path.join(work, "toy"), "--vit-steps", "1", "--text-steps", "1",
-         "--align-steps", "1", "--steps", "1", "--batch", "2"])
+         "--align-steps", "1", "--steps", "1", "--format-steps", "1", "--batch", "2"])
+    # The benchmarks on toy scenes with the shipped model: files, two seeds, the side-by-side table, outliers.
+    bench = os.path.join(work, "toybench")
+    run(["-m", "minidamro.toy", "render", "--out", bench, "--count", "3", "--benchmarks"])
+    for method in ("plain", "damro"):
+        run(["-m", "minidamro.eval", "pope", "--questions", os.path.join(bench, "pope", "toy_pope_random.jsonl"),
+             "--images", bench, "--method", method, "--seeds", "2", "--temperature", "1", "--max-new-tokens", "4",
+             "--out", os.path.join(work, "pope-" + method)])
+    run(["-m", "minidamro.eval", "score", os.path.join(work, "pope-plain"), os.path.join(work, "pope-damro"),
+         "--markdown"])
+    run(["-m", "minidamro.eval", "mme", "--data", os.path.join(bench, "mme"), "--max-new-tokens", "4",
+         "--out", os.path.join(work, "mme")])
+    run(["-m", "minidamro.toy", "outliers", "minidamro/toy/model", "--images", "3"])
     # Optional packages: one error line that names what to install.
     run(["-m", "minidamro.bench", "--size", "quick", "--workdir", os.path.join(work, "b")],
         expect_ok=False, says="transformers")

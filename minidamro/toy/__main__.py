@@ -3,6 +3,8 @@
     python -m minidamro.toy train --out checkpoints/toy      # a tiny LLaVA from scratch (CPU, minutes)
     python -m minidamro.toy eval                             # the lab: POPE-style splits + captions, per method
     python -m minidamro.toy render --out scenes/ --count 8   # images of the world with their ground truth
+    python -m minidamro.toy outliers minidamro/toy/model     # does the ViT have DAMRO's high-norm tokens?
+    python -m minidamro.toy render --out toybench --benchmarks  # and POPE / CHAIR / MME files for eval
 """
 import json
 import math
@@ -62,11 +64,14 @@ def cmd_train(a):
     tc = T.TrainConfig(batch=a.batch, lr=a.lr, joint_lr=a.joint_lr, seed=a.seed, threads=a.threads,
                        precision=precision, vit_steps=a.vit_steps, text_steps=a.text_steps, questions=a.questions,
                        align_steps=a.align_steps, steps=a.steps, mix=tuple(a.mix), text_mix=tuple(a.text_mix),
+                       vit_objective=a.vit_objective, vit_lr=a.vit_lr, vit_weight_decay=a.vit_weight_decay,
+                       format_steps=a.format_steps, format_lr=a.format_lr, system_share=a.system_share,
                        init=a.init or "")
     if min(a.batch, a.threads, a.questions) < 1 or min(tc.stage_steps().values()) < 0 or not (
-            0 < a.lr < 1 and 0 < a.joint_lr < 1):
-        raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr and --joint-lr "
-                             "in (0, 1)")
+            0 < a.lr < 1 and 0 < a.joint_lr < 1 and 0 < a.format_lr < 1 and 0 <= a.system_share <= 1
+            and 0 <= a.vit_lr < 1):
+        raise MinidamroError("--batch, --threads and --questions must be >= 1, the steps >= 0, --lr, --joint-lr "
+                             "and --format-lr in (0, 1), --system-share in [0, 1]")
     for flag, mix in (("--mix", a.mix), ("--text-mix", a.text_mix)):
         if not all(math.isfinite(x) and x >= 0 for x in mix) or abs(sum(mix) - 1) > 1e-6:
             raise MinidamroError(f"{flag} takes three shares >= 0 that sum to 1 (existence questions, captions, "
@@ -119,35 +124,91 @@ def cmd_eval(a):
     model = load_model(a.model)
     dcfg.check(model.cfg.vision.num_patches)
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
-    result = lab.run(model, tok, a.seed, a.images, a.captions, a.methods, dcfg)
-    result["settings"]["model"] = a.model
-    print(lab.table(result))
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        raise MinidamroError(f"--seeds takes decoding seeds separated by commas, got {a.seeds}") from None
+    if len(set(seeds)) != len(seeds) or not all(0 <= x < 2**63 for x in seeds):
+        raise MinidamroError(f"--seeds: give distinct seeds in [0, 2^63), got {a.seeds}")
+    if not (a.temperature == 0 or 1e-6 <= a.temperature < math.inf):
+        raise MinidamroError(f"--temperature must be 0 (greedy) or a finite number >= 1e-6, got {a.temperature}")
+    if len(seeds) == 1:
+        result = lab.run(model, tok, a.seed, a.images, a.captions, a.methods, dcfg, temperature=a.temperature,
+                         decode_seed=seeds[0])
+        result["settings"]["model"] = a.model
+        print(lab.table(result))
+    else:
+        result = lab.run_seeds(model, tok, a.seed, a.images, a.captions, a.methods, dcfg, seeds, a.temperature)
+        result["mean"]["settings"]["model"] = a.model
+        print(lab.table(result["mean"], result["std"]))
     if a.json:
         print(json.dumps(result, separators=(",", ":")))
 
 
+def cmd_outliers(a):
+    """The ViT outlier diagnostics (minidamro/outliers.py) of one or more checkpoints on the lab's scenes: a table,
+    and with --out, outliers.json (per model: the summary and every image's numbers) and outliers.png."""
+    from ..llava import load_model
+    from .. import outliers
+    from . import lab
+    import torch
+    torch.set_num_threads(a.threads)
+    if not 1 <= a.images <= 10000 or a.topk < 1:
+        raise MinidamroError("--images must be in 1..10000 and --topk >= 1")
+    if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise MinidamroError(f"--out {a.out} exists and is not a directory")
+    results = {}
+    for path in a.models:
+        model = load_model(path)
+        name = os.path.basename(os.path.normpath(path))
+        if name in results:
+            raise MinidamroError(f"two models are named {name}: give them directories with different names")
+        per_image = lab.vit_outliers(model, a.seed, a.images, a.topk)
+        results[name] = {"model": path, "summary": outliers.summary(per_image), "images": per_image}
+    print(outliers.table({n: r["summary"] for n, r in results.items()}))
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        from .benchmarks import write_text
+        write_text(os.path.join(a.out, "outliers.json"), json.dumps(results) + "\n")
+        fig = outliers.figure({n: r["summary"] for n, r in results.items()},
+                              f"ViT outliers on {a.images} lab scenes of seed {a.seed} (medians)")
+        fig.save(os.path.join(a.out, "outliers.png.tmp"), format="PNG")
+        os.replace(os.path.join(a.out, "outliers.png.tmp"), os.path.join(a.out, "outliers.png"))
+        print(f"wrote {a.out}/outliers.json and outliers.png", file=sys.stderr)
+
+
 def cmd_render(a):
-    """Images of the world with their ground truth: DIR/toy-SEED-I.png and DIR/truth.jsonl."""
+    """Images of the world with their ground truth: DIR/toy-SEED-I.png and DIR/truth.jsonl; with --benchmarks
+    the lab's pool of scenes (DIR/toy-SEED-IIII.png) and the benchmarks' files for them (benchmarks.py)."""
     import random
     from dataclasses import asdict
-    from . import world
+    from . import benchmarks, splits, world
     if not 1 <= a.count <= 10000:
         raise MinidamroError(f"--count must be in 1..10000, got {a.count}")
+    if a.benchmarks and a.probe:
+        raise MinidamroError("--benchmarks draws the lab's pool (half probe scenes); leave out --probe")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise MinidamroError(f"--out {a.out} exists and is not a directory")
     os.makedirs(a.out, exist_ok=True)
-    rng, lines = random.Random(a.seed), []
-    for i in range(a.count):
-        scene = world.sample_scene(rng, probe=a.probe)
-        name = f"toy-{a.seed}-{i}.png"
+    if a.benchmarks:
+        scenes = splits.lab_scenes(a.seed, a.count)
+        names = [f"toy-{a.seed}-{i:04d}.png" for i in range(a.count)]  # as the lab names them
+    else:
+        rng = random.Random(a.seed)
+        scenes = [world.sample_scene(rng, probe=a.probe) for _ in range(a.count)]
+        names = [f"toy-{a.seed}-{i}.png" for i in range(a.count)]
+    lines = []
+    for scene, name in zip(scenes, names):
         path = os.path.join(a.out, name)
         world.render(scene).save(path + ".tmp", format="PNG")
         os.replace(path + ".tmp", path)
         lines.append(json.dumps({"image": name, "caption": world.caption(scene),
                                  "objects": [asdict(o) | {"position": o.position} for o in scene.objects]}))
-    path = os.path.join(a.out, "truth.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
-    print(f"wrote {a.count} images and truth.jsonl to {a.out}", file=sys.stderr)
+    benchmarks.write_text(os.path.join(a.out, "truth.jsonl"), "\n".join(lines) + "\n")
+    if a.benchmarks:
+        benchmarks.write(a.out, a.seed, scenes, names)
+    print(f"wrote {a.count} images and truth.jsonl to {a.out}" +
+          (" with pope/, chair/ and mme/ (the benchmarks' files)" if a.benchmarks else ""), file=sys.stderr)
 
 
 def main(argv=None):
@@ -159,6 +220,12 @@ def main(argv=None):
     from .train import TrainConfig
     d = TrainConfig()
     t.add_argument("--vit-steps", type=int, default=d.vit_steps, help="stage 1: the ViT alone (0 skips a stage)")
+    t.add_argument("--vit-objective", choices=("cls+patch", "cls", "global"), default=d.vit_objective,
+                   help="stage 1's labels: [CLS] the kinds present and each patch its kind (default); [CLS] alone, "
+                        "the kinds and their colours (cls); or that for [CLS] and every patch token (global)")
+    t.add_argument("--vit-lr", type=float, default=d.vit_lr, help="stage 1's peak learning rate (0: --lr)")
+    t.add_argument("--vit-weight-decay", type=float, default=d.vit_weight_decay,
+                   help="stage 1's AdamW weight decay (negative: the other stages' 0.05)")
     t.add_argument("--text-steps", type=int, default=d.text_steps,
                    help="stage 2: the LLM alone, on the scenes written as words")
     t.add_argument("--questions", type=int, default=d.questions,
@@ -168,7 +235,12 @@ def main(argv=None):
     t.add_argument("--align-steps", type=int, default=d.align_steps, help="stage 3: the projector alone")
     t.add_argument("--steps", type=int, default=d.steps, help="stage 4: the projector and the LLM on images")
     t.add_argument("--mix", type=float, nargs=3, default=list(d.mix), metavar=("EXIST", "CAPTION", "ATTR"),
-                   help="stage 4: shares of existence questions, captions, attribute questions")
+                   help="stages 4 and 5: shares of existence questions, captions, attribute questions")
+    t.add_argument("--format-steps", type=int, default=d.format_steps,
+                   help="stage 5: stage 4 again, also in the benchmarks' question forms and system text")
+    t.add_argument("--format-lr", type=float, default=d.format_lr, help="stage 5's peak learning rate")
+    t.add_argument("--system-share", type=float, default=d.system_share,
+                   help="stage 5: share of batches after the llava_v1 system text")
     t.add_argument("--batch", type=int, default=d.batch, help="scenes per step")
     t.add_argument("--lr", type=float, default=d.lr, help="stages 1-3's peak learning rate")
     t.add_argument("--joint-lr", type=float, default=d.joint_lr, help="stage 4's peak learning rate")
@@ -194,18 +266,31 @@ def main(argv=None):
     e.add_argument("--alpha", type=float, default=dd.alpha)
     e.add_argument("--beta", type=float, default=dd.beta)
     e.add_argument("--topk", type=int, default=dd.topk)
+    e.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, as the lab's tables")
+    e.add_argument("--seeds", default="0", help="decoding seeds, separated by commas (several: mean ± std); each "
+                                                "seeds the sampler of every question and VCD's noise (default 0)")
     e.add_argument("--threads", type=int, default=1, help="torch threads (1: the model is too small to share)")
     e.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    o = sub.add_parser("outliers", help="ViT outlier-token diagnostics of checkpoints on the lab's scenes")
+    o.add_argument("models", nargs="+", help="checkpoint directories")
+    o.add_argument("--seed", type=int, default=2026, help="the lab's world seed")
+    o.add_argument("--images", type=int, default=60)
+    o.add_argument("--topk", type=int, default=4, help="k: DAMRO's outliers per image")
+    o.add_argument("--out", default=None, help="directory for outliers.json and outliers.png")
+    o.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("render", help="draw scenes of the world, with their ground truth")
     r.add_argument("--out", required=True, help="directory for the PNGs and truth.jsonl")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--count", type=int, default=8)
     r.add_argument("--probe", action="store_true", help="probe scenes: an anchor without its planted partner")
+    r.add_argument("--benchmarks", action="store_true",
+                   help="the lab's pool of scenes and, for them, POPE question files, a CHAIR image list with its "
+                        "ground truth and vocabulary, and MME task folders, for python -m minidamro.eval")
     a = p.parse_args(argv)
     if a.cmd == "eval" and a.methods is None:
         from .lab import METHODS
         a.methods = list(METHODS)
-    guarded({"train": cmd_train, "eval": cmd_eval, "render": cmd_render}[a.cmd], a)
+    guarded({"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "outliers": cmd_outliers}[a.cmd], a)
 
 
 if __name__ == "__main__":

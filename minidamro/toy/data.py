@@ -11,23 +11,25 @@ import torch.nn.functional as F
 
 from ..image import preprocess
 from ..llava import Llava, LlavaConfig
-from ..tokenizer import TEMPLATE, Tokenizer
+from ..tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt
 from . import world
 
-# Stages 2-4's data, per scene (image_turns): existence questions (in exactly the form generate and the lab ask
+# Stages 2-5's data, per scene (image_turns): existence questions (in exactly the form generate and the lab ask
 # them), a caption, or colour / count / position questions; TrainConfig.questions of them in stage 2, one in
-# stages 3 and 4. A caption is never followed by questions, since it would answer them. Stages 2 and 3 draw
-# the kinds in the shares `text_mix` (stage 3's frozen LLM answers what stage 2 taught it), stage 4 in `mix`.
+# stages 3-5. A caption is never followed by questions, since it would answer them. Stages 2 and 3 draw
+# the kinds in the shares `text_mix` (stage 3's frozen LLM answers what stage 2 taught it), stages 4 and 5 in
+# `mix`. Stage 5 also asks in the benchmarks' forms (world.FORMS: POPE's suffix, MME's yes/no questions) and
+# puts the llava_v1 system text before the conversation on a share of its batches (`system_share`).
 MIX_KINDS = ("existence", "caption", "attribute")
 
 
-def encode_conversation(tok: Tokenizer, cfg: LlavaConfig, turns):
+def encode_conversation(tok: Tokenizer, cfg: LlavaConfig, turns, system: str | None = None):
     """ids (the <image> id expanded to one per image token) and targets: the next token at answer positions,
-    -100 elsewhere. The first turn is exactly the prompt generate builds (TEMPLATE); later turns follow
-    llava-hf's chat template, "...</s>USER: {q} ASSISTANT: {a}</s>"."""
+    -100 elsewhere. The first turn is exactly the prompt generate and eval build (build_prompt: TEMPLATE, after
+    the system text if given); later turns follow llava-hf's chat template, "...</s>USER: {q} ASSISTANT: {a}</s>"."""
     ids, tgt = [], []
     for n, (q, a) in enumerate(turns):
-        user = tok.encode(TEMPLATE.format(prompt=q)) if n == 0 else tok.sp_no_prefix.encode(f"USER: {q} ASSISTANT:")
+        user = tok.encode(build_prompt(q, system)) if n == 0 else tok.sp_no_prefix.encode(f"USER: {q} ASSISTANT:")
         answer = tok.sp_no_prefix.encode(" " + a) + [tok.eos_id]
         ids += user + answer
         tgt += [-100] * len(user) + answer
@@ -75,15 +77,28 @@ def scene_slots(model: Llava, words: torch.Tensor) -> torch.Tensor:
     return torch.where(background, e[..., 0, :], e.sum(-2))
 
 
-def image_turns(rng: random.Random, scene: world.Scene, mix: dict, n: int = 1) -> list[tuple[str, str]]:
+def image_turns(rng: random.Random, scene: world.Scene, mix: dict, n: int = 1,
+                forms: tuple = ("toy",)) -> list[tuple[str, str]]:
     """One training conversation about an image, of the kind `mix` draws (shares of MIX_KINDS): n existence
-    questions, a caption, or n colour / count / position questions."""
+    questions (each in one of `forms`), a caption, or n colour / count / position questions (with "mme" among
+    the forms, half of them MME's yes/no questions about a count, a position or a colour)."""
     r = rng.random()
     if r < mix.get("existence", 0):
-        return world.existence_questions(rng, scene, n)
+        return world.existence_questions(rng, scene, n, forms=forms)
     if r < mix.get("existence", 0) + mix.get("caption", 0):
         return [(rng.choice(world.CAPTION_PROMPTS), world.caption(scene))]
+    if "mme" in forms:
+        return [world.mme_qa(rng.choice(world.MME_TASKS[1:]), scene, rng.random() < 0.5, rng)
+                if rng.random() < 0.5 else world.attribute_qa(rng, scene) for _ in range(n)]
     return [world.attribute_qa(rng, scene) for _ in range(n)]
+
+
+QUESTION_KIND = {world.existence_question(k, f): i for i, k in enumerate(world.KINDS) for f in world.FORMS}
+
+
+def asked_kinds(turns) -> list[int]:
+    """Per turn, the index of the kind an existence question asks about (in any form), else -100."""
+    return [QUESTION_KIND.get(q, -100) for q, _ in turns]
 
 
 def pad_rows(cfg, rows):
@@ -101,23 +116,27 @@ def text_batch(tok, cfg, rng: random.Random, n: int, questions: int, mix: dict):
     scene_slots, and the probes' targets for each answer in order: the asked kind (-100 where the answer is
     not to an existence question) and the kinds present (Q, kinds)."""
     rows, words, asked, present = [], [], [], []
-    questions_of = {world.existence_question(k): i for i, k in enumerate(world.KINDS)}
     for _ in range(n):
         scene = world.sample_scene(rng)
         turns = image_turns(rng, scene, mix, questions)
         rows.append(encode_conversation(tok, cfg, turns))
         words.append(scene_words(tok, cfg, scene))
-        asked += [questions_of.get(q, -100) for q, _ in turns]
+        asked += asked_kinds(turns)
         present += [[float(k in scene.kinds) for k in world.KINDS]] * len(turns)
     return (*pad_rows(cfg, rows), torch.stack(words), torch.tensor(asked), torch.tensor(present))
 
 
-def image_batch(tok, cfg, rng: random.Random, n: int, mix: dict):
-    """Stages 3 and 4: n scenes -> pixels (n, 3, S, S), ids (n, T), targets (n, T), and the scenes."""
+def image_batch(tok, cfg, rng: random.Random, n: int, mix: dict, forms: tuple = ("toy",), system_share: float = 0.0):
+    """Stages 3-5: n scenes -> pixels (n, 3, S, S), ids (n, T), targets (n, T), the scenes, and each row's
+    asked kind (asked_kinds; one turn per row). With probability `system_share` the whole batch starts with
+    the llava_v1 system text (per batch, not per row: its ~100 tokens would otherwise pad every row of the
+    batch to its length)."""
+    system = LLAVA_V1_SYSTEM if system_share and rng.random() < system_share else None
     scenes = [world.sample_scene(rng) for _ in range(n)]
     pixels = torch.cat([preprocess(world.render(s), cfg.preprocessor) for s in scenes])
-    return (pixels, *pad_rows(cfg, [encode_conversation(tok, cfg, image_turns(rng, s, mix)) for s in scenes]),
-            scenes)
+    turns = [image_turns(rng, s, mix, forms=forms) for s in scenes]
+    rows = [encode_conversation(tok, cfg, t, system) for t in turns]
+    return (pixels, *pad_rows(cfg, rows), scenes, torch.tensor([k for t in turns for k in asked_kinds(t)]))
 
 
 def answer_starts(targets):

@@ -11,22 +11,25 @@ import sys
 from dataclasses import asdict
 import time
 
-from .. import analyze, contrastive, damro, generation, methods
+from .. import analyze, contrastive, damro, generation, methods, outliers
 from ..generate import encode_prompt
 from ..image import preprocess
 from ..eval.pope import score_damro
 from . import splits, world
+from .data import patch_labels
 from .metrics import caption_attributes, partner_rate, toy_chair_metrics
 
 METHODS = tuple(methods.METHODS)  # every decoding method the project has (plain, damro, vcd, ...)
 CAPTION_PROMPT = world.CAPTION_PROMPTS[0]  # "Generate a short caption of this image." (DAMRO's CHAIR prompt)
 
 
-def answer(model, tok, method: str, mcfg, prompt: str, pixels, max_new_tokens: int) -> str:
-    """The greedy answer of one decoding method (settings mcfg); a method that draws noise (VCD) draws it
-    from the sampler's generator, seeded 0 for every question."""
+def answer(model, tok, method: str, mcfg, prompt: str, pixels, max_new_tokens: int, temperature: float = 0.0,
+           seed: int = 0) -> str:
+    """The answer of one decoding method (settings mcfg), greedy unless a temperature is given; the sampler's
+    generator, from which a method that draws noise (VCD) draws it too, is seeded `seed` for every question."""
     ids, max_new = encode_prompt(model, tok, prompt, None, max_new_tokens)
-    tokens = contrastive.generate(model, ids, pixels, methods.get(method), mcfg, generation.Sampler(), max_new)[1]
+    sampler = generation.Sampler(temperature, 1.0, seed)
+    tokens = contrastive.generate(model, ids, pixels, methods.get(method), mcfg, sampler, max_new)[1]
     return tok.decode(list(tokens))
 
 
@@ -51,9 +54,34 @@ def summarise(words: list) -> dict:
             "F": mean([f for _, f in words])}
 
 
-def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=None, log=sys.stderr) -> dict:
-    """dcfg: DAMRO's settings (also the ViT outlier figure's for analyze); other methods keep their defaults."""
-    dcfg = dcfg or damro.DamroConfig()
+def vit_outliers(model, seed: int, images: int, k: int, mode: str = "full") -> list[dict]:
+    """outliers.diagnose on each of the lab's scenes of `seed`, with the world's patch labels (background or
+    object) for the top-k patches."""
+    grid, patch = model.cfg.vision.image_size // model.cfg.vision.patch_size, model.cfg.vision.patch_size
+    return [outliers.diagnose(model, preprocess(world.render(s), model.cfg.preprocessor), k, mode,
+                              patch_labels(s, grid, patch)) for s in splits.lab_scenes(seed, images)]
+
+
+def run_seeds(model, tok, seed: int, images: int, captions: int, names, dcfg, decode_seeds: list[int],
+              temperature: float = 0.0, log=None) -> dict:
+    """The lab once per decoding seed -> {"per_seed", "mean", "std"} (mean and sample std of every number, as
+    `eval score` reports several seeds); mean also carries the settings and the ViT's outliers (the same for
+    every decoding seed)."""
+    from ..eval.score import tree_stats
+    per = {s: run(model, tok, seed, images, captions, names, dcfg, log, temperature, s) for s in decode_seeds}
+    first = per[decode_seeds[0]]
+    mean, std = tree_stats(list(per.values()))
+    mean["settings"] = {k: v for k, v in first["settings"].items() if k != "decode_seed"} | {
+        "decode_seeds": decode_seeds}
+    mean["outliers"] = first["outliers"]
+    return {"per_seed": {str(s): r for s, r in per.items()}, "mean": mean, "std": std}
+
+
+def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=None, log=None,
+        temperature: float = 0.0, decode_seed: int = 0) -> dict:
+    """dcfg: DAMRO's settings (also the ViT outlier figure's for analyze); other methods keep their defaults.
+    seed: the world's (the scenes and questions); decode_seed: the sampler's (and VCD's noise)."""
+    dcfg, log = dcfg or damro.DamroConfig(), log or sys.stderr  # sys.stderr now, not at import (tests swap it)
     cfg = model.cfg
     scenes = splits.lab_scenes(seed, images)
     files = [f"toy-{seed}-{i:04d}.png" for i in range(images)]
@@ -66,7 +94,8 @@ def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=N
         mcfg = dcfg if method == "damro" else methods.get(method).config()
         start, out = time.time(), {}
         for split, qs in questions.items():
-            answers = [answer(model, tok, method, mcfg, q["text"], pixels[index[q["image"]]], 4) for q in qs]
+            answers = [answer(model, tok, method, mcfg, q["text"], pixels[index[q["image"]]], 4, temperature,
+                              decode_seed) for q in qs]
             out[split] = score_damro([q["label"] for q in qs], answers)
             if split == "adversarial":  # the no-questions about an absent planted partner of a present anchor
                 said = [a for q, a in zip(qs, answers) if q["label"] == "no" and any(
@@ -76,7 +105,7 @@ def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=N
         texts, words = [], {"hallucinated": [], "correct": []}
         for i in range(captions):
             a = analyze.analyze(model, tok, rendered[i], CAPTION_PROMPT, method, dcfg, max_new_tokens=48,
-                                cfg=None if method == "damro" else mcfg)
+                                cfg=None if method == "damro" else mcfg, temperature=temperature, seed=decode_seed)
             texts.append(a.answer)
             diagnostics(a, scenes[i].kinds, words)
         out["captions"] = toy_chair_metrics(texts, [s.kinds for s in scenes[:captions]])
@@ -87,46 +116,65 @@ def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=N
                            for i in range(min(4, captions))]
         result[method] = out
         print(f"{method}: {time.time() - start:.0f} s", file=log, flush=True)
+    result["outliers"] = outliers.summary(vit_outliers(model, seed, images, dcfg.topk, dcfg.outlier_attention))
     result["settings"] = {"seed": seed, "images": images, "captions": captions, "alpha": dcfg.alpha,
-                          "beta": dcfg.beta, "topk": dcfg.topk, "decoding": "greedy", "prompt": CAPTION_PROMPT,
+                          "beta": dcfg.beta, "topk": dcfg.topk,
+                          "decoding": "greedy" if not temperature else f"temperature {temperature}",
+                          "decode_seed": decode_seed, "prompt": CAPTION_PROMPT,
                           "methods": {m: asdict(dcfg if m == "damro" else methods.get(m).config()) for m in names},
                           "questions": {s: len(q) for s, q in questions.items()}}
     return result
 
 
-def fmt(v, pct=True):
-    return "   -  " if v is None else (f"{100 * v:6.1f}" if pct else f"{v:6.3f}")
+def fmt(v, pct=True, sd=None, width=6):
+    """A cell: a share in % (pct) or a number, with ± its standard deviation over seeds when given."""
+    if v is None:
+        return "-".center(width)
+    scale, digits = (100, 1) if pct else (1, 3)
+    text = f"{scale * v:.{digits}f}" + ("" if sd is None else f"±{scale * sd:.{digits}f}")
+    return text.rjust(width)
 
 
-def table(result: dict) -> str:
-    methods = [m for m in result if m != "settings"]
-    lines = ["POPE-style splits (%)", f"{'method':8} {'split':12} {'acc':>6} {'prec':>6} {'recall':>6} {'F1':>6} "
-             f"{'yes':>6}"]
+def table(result: dict, std: dict | None = None) -> str:
+    """The lab's tables; with `std` (the same tree of standard deviations over seeds) every cell is mean ± std."""
+    methods = [m for m in result if m not in ("settings", "outliers")]
+    w = 6 if std is None else 11
+
+    def c(path, pct=True):
+        v, sd = result, std
+        for key in path:  # dict keys, and list indices
+            v = v.get(key) if isinstance(v, dict) else v[key] if isinstance(v, list) and key < len(v) else None
+            sd = sd.get(key) if isinstance(sd, dict) else sd[key] if isinstance(sd, list) and key < len(sd) else None
+        return fmt(v, pct, sd, w)
+    head = lambda names: " ".join(f"{n:>{w}}" for n in names)  # noqa: E731
+    lines = ["POPE-style splits (%)", f"{'method':8} {'split':12} " + head(("acc", "prec", "recall", "F1", "yes"))]
     for m in methods:
         for split in splits.SPLITS:
-            r = result[m][split]
-            lines.append(f"{m:8} {split:12} {fmt(r['accuracy'])} {fmt(r['precision'])} {fmt(r['recall'])} "
-                         f"{fmt(r['f1'])} {fmt(r['yes_ratio'])}")
+            lines.append(f"{m:8} {split:12} " + " ".join(c((m, split, k)) for k in
+                                                         ("accuracy", "precision", "recall", "f1", "yes_ratio")))
     lines += ["", "captions (%) and the paper's diagnostics on the object words (hallucinated / correct)",
-              f"{'method':8} {'CHAIRs':>6} {'CHAIRi':>6} {'recall':>6} {'partner':>7} {'p-yes':>6} "
-              f"{'H3 hal':>6} {'H3 ok':>6} {'F hal':>6} {'F ok':>6}"]
+              f"{'method':8} " + head(("CHAIRs", "CHAIRi", "recall", "partner", "p-yes", "H3 hal", "H3 ok", "F hal",
+                                       "F ok"))]
     for m in methods:
-        c, d = result[m]["captions"], result[m]["diagnostics"]
-        h3 = [d[k]["H"][2] if d[k]["H"] else None for k in ("hallucinated", "correct")]
-        lines.append(f"{m:8} {fmt(c['CHAIRs'])} {fmt(c['CHAIRi'])} {fmt(c['Recall'])} {fmt(c['partner_rate']):>7} "
-                     f"{fmt(result[m]['adversarial']['partner_yes_ratio'])} {fmt(h3[0], False)} {fmt(h3[1], False)} "
-                     f"{fmt(d['hallucinated']['F'], False)} {fmt(d['correct']['F'], False)}")
+        h3 = [c((m, "diagnostics", k, "H", 2), False) for k in ("hallucinated", "correct")]
+        lines.append(f"{m:8} " + " ".join([c((m, "captions", k)) for k in ("CHAIRs", "CHAIRi", "Recall", "partner_rate")]
+                                          + [c((m, "adversarial", "partner_yes_ratio"))] + h3 +
+                                          [c((m, "diagnostics", k, "F"), False) for k in ("hallucinated", "correct")]))
     lines += ["", "captions beyond CHAIR (%): equal to the truth, naming a kind twice, colour / size of a named object "
-              "right", f"{'method':8} {'exact':>6} {'repeat':>6} {'colour':>6} {'size':>6}"]
+              "right", f"{'method':8} " + head(("exact", "repeat", "colour", "size"))]
     for m in methods:
-        c = result[m]["captions"]
-        lines.append(f"{m:8} {fmt(c['exact'])} {fmt(c['repeats'])} {fmt(c['colour'])} {fmt(c['size'])}")
+        lines.append(f"{m:8} " + " ".join(c((m, "captions", k)) for k in ("exact", "repeats", "colour", "size")))
+    if "outliers" in result:
+        lines += ["", "the ViT's outlier tokens (docs/toy.md), medians over the images", outliers.table(
+            {"this model": result["outliers"]})]
     s = result["settings"]
+    seeds = (f"mean ± sample std over decoding seeds {s['decode_seeds']}" if "decode_seeds" in s else
+             f"decoding seed {s.get('decode_seed', 0)}")
     lines += ["", f"seed {s['seed']}, {s['images']} images ({s['questions']['random']} questions per split), "
-              f"{s['captions']} captions; greedy; " + "; ".join(
-                  f"{m} " + " ".join(f"{k} {v}" for k, v in c.items()) for m, c in s["methods"].items() if c),
+              f"{s['captions']} captions; {s['decoding']}, {seeds}; " + "; ".join(
+                  f"{m} " + " ".join(f"{k} {v}" for k, v in cfg.items()) for m, cfg in s["methods"].items() if cfg),
               "partner: captions naming the absent planted partner of an anchor; p-yes: 'yes' to the adversarial "
               "questions about such a partner; words: " + ", ".join(
-                  f"{m} {result[m]['diagnostics']['hallucinated']['words']} hal / "
-                  f"{result[m]['diagnostics']['correct']['words']} ok" for m in methods)]
+                  f"{m} {result[m]['diagnostics']['hallucinated'].get('words', 0):g} hal / "
+                  f"{result[m]['diagnostics']['correct'].get('words', 0):g} ok" for m in methods)]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ How LLaVA is put together, in the order the data flows (see minidamro/llava.py f
 
 LLaVA is built from parts trained apart: a CLIP ViT, a language model (Vicuna), then a projector aligned
 between them with both frozen, then the projector and the LLM fine-tuned together on instructions. The toy
-follows the same order; stages 2-4 learn from the answer tokens (averaged per conversation), stage 2 with two
+follows the same order; stages 2-5 learn from the answer tokens (averaged per conversation), stage 2 with two
 probes added and stage 3 with a regression added:
 
     1. vit:   the ViT alone learns to see the world's objects (a stand-in for CLIP's pre-training)
@@ -20,6 +20,10 @@ probes added and stage 3 with a regression added:
     3. align: the projector alone, ViT and LLM frozen, learns to put image tokens where those slots were
     4. joint: the projector and the LLM together on image questions (`mix`: existence questions, captions,
               colour / count / position questions) at a lower rate; the ViT stays frozen, as in LLaVA-1.5
+    5. formats: stage 4 again at a lower rate, the questions also in the forms the benchmarks ask them (POPE's
+              "... Please answer this question with one word.", MME's "... Please answer yes or no."), half
+              the batches after the llava_v1 system text, so that `minidamro.eval`'s defaults work on the
+              toy model (LLaVA-1.5 learns its answer formats in instruction tuning likewise)
 
 Why this order and not everything at once: answering "Is there a star?" from an image takes two hops (carry
 "star" to the answer position, then find it among the image tokens), and neither hop alone lowers a balanced
@@ -28,7 +32,7 @@ it learns the lookup (with two probes that give each hop its own signal: text_lo
 tokens, what it reads (kinds, colours, sizes) is what the projector must then produce (align_loss). The
 toy document (docs/toy.md) has the measurements behind each choice. Each stage's batches are built in data.py.
 
-Why one module of ~390 lines: it is the whole recipe (the model's sizes, the losses, the four stages, saving) in
+Why one module of ~390 lines: it is the whole recipe (the model's sizes, the losses, the five stages, saving) in
 the order a reader follows it; the data it trains on is apart in data.py.
 
 Everything is seeded: the same seed and settings give the same weights on the same machine and torch build
@@ -55,14 +59,14 @@ from ..image import preprocess
 from ..llama import apply_rope, rope_cos_sin
 from ..llava import Llava, LlavaConfig, check_state_dict
 from ..llama import TextConfig
-from ..tokenizer import Tokenizer
+from ..tokenizer import LLAVA_V1_SYSTEM, Tokenizer
 from ..vision import VisionConfig
 from . import splits, world
 from .data import (MIX_KINDS, answer_starts, encode_conversation, image_batch, pad_rows, patch_labels,
                    scene_slots, scene_words, text_batch)
 
 SP_PIECES = 512  # sentencepiece vocabulary: 259 byte-fallback and control pieces, the rest the world's words
-STAGES = ("vit", "text", "align", "joint")
+STAGES = ("vit", "text", "align", "joint", "formats")
 
 
 @dataclass
@@ -77,17 +81,23 @@ class TrainConfig:
     threads: int = 2
     precision: str = "bf16"   # matmuls under bfloat16 autocast (weights, AdamW float32), ~1.4x faster than "fp32"
     vit_steps: int = 3000     # stage 1 (0 skips a stage)
+    vit_objective: str = "cls+patch"  # stage 1's labels: "cls+patch" (both heads), "cls" or "global" (image-level)
+    vit_lr: float = 0.0       # stage 1's peak rate (0: lr)
+    vit_weight_decay: float = -1.0  # stage 1's weight decay (< 0: weight_decay)
     text_steps: int = 1000    # stage 2
     questions: int = 6        # stage 2: questions per existence or attribute conversation
     text_mix: tuple = (0.5, 0.4, 0.1)  # stages 2 and 3's shares of existence questions, captions, attributes
     align_steps: int = 400    # stage 3
     steps: int = 800          # stage 4
     joint_lr: float = 1e-3    # stage 4's peak rate: at 3e-3 the LLM's lookup collapsed to chance in 75 steps
-    mix: tuple = (0.7, 0.2, 0.1)  # stage 4's shares of existence questions, captions, attribute questions
+    mix: tuple = (0.7, 0.2, 0.1)  # stages 4 and 5's shares of existence questions, captions, attribute questions
+    format_steps: int = 400   # stage 5: stage 4 again, asking also in the benchmarks' forms (world.FORMS)
+    format_lr: float = 1e-3   # stage 5's peak rate (stage 4's)
+    system_share: float = 0.5  # stage 5: the share of batches that start with the llava_v1 system text
     init: str = ""            # start from this checkpoint (its weights and tokenizer) instead of from scratch
 
     def stage_steps(self) -> dict:
-        return dict(zip(STAGES, (self.vit_steps, self.text_steps, self.align_steps, self.steps)))
+        return dict(zip(STAGES, (self.vit_steps, self.text_steps, self.align_steps, self.steps, self.format_steps)))
 
 
 PROBE_WEIGHT = 0.5  # stage 2: the probes' losses against the answers' (text_loss)
@@ -193,13 +203,16 @@ def loss_fn(model, pixels, ids, targets):
     return answer_loss(forward(model, None if pixels is None else model.encode_image(pixels), ids), targets)
 
 
-def existence_accuracy(model, tok, seed: int = 555, n_scenes: int = 60, words: bool = False) -> float:
+def existence_accuracy(model, tok, seed: int = 555, n_scenes: int = 60, words: bool = False, form: str = "toy",
+                       system: str | None = None) -> float:
     """The share of 200 POPE-style random-split questions (lab scenes of `seed`) whose greedy first answer
-    token is right; words=True asks with the scene's slots (scene_slots) in the image's place (stage 2)."""
+    token is right; words=True asks with the scene's slots (scene_slots) in the image's place (stage 2);
+    form and system: how the question is asked (world.existence_question's forms; a system text before it)."""
     scenes = splits.lab_scenes(seed, n_scenes)
     qs = splits.pope_questions("random", scenes, seed, [str(i) for i in range(n_scenes)])[:200]
     cfg = model.cfg
-    rows = [encode_conversation(tok, cfg, [(q["text"], "Yes" if q["label"] == "yes" else "No")]) for q in qs]
+    rows = [encode_conversation(tok, cfg, [(world.existence_question(q["kind"], form),
+                                            "Yes" if q["label"] == "yes" else "No")], system) for q in qs]
     ids, targets = pad_rows(cfg, rows)
     of = [scenes[int(q["image"])] for q in qs]  # each question's scene
     with torch.no_grad():
@@ -220,13 +233,15 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def optimise(name: str, params, steps: int, loss_of, tc: TrainConfig, log, lr: float, every: int = 25) -> list[float]:
+def optimise(name: str, params, steps: int, loss_of, tc: TrainConfig, log, lr: float, every: int = 25,
+             weight_decay: float | None = None) -> list[float]:
     """One stage: AdamW over `params` for `steps` steps at peak rate `lr`, loss_of(step) giving each batch's
     loss; returns the per-step losses. Weight decay on matrices only (not on norms, biases or embeddings)."""
     params = [(n, p) for n, p in params if p.requires_grad]
     matrices = [p for n, p in params if p.dim() >= 2 and "embed" not in n]
     others = [p for n, p in params if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": tc.weight_decay},
+    wd = tc.weight_decay if weight_decay is None else weight_decay
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": wd},
                              {"params": others, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
     losses, window, start = [], [], time.time()
@@ -254,7 +269,12 @@ def pretrain_vit(model: Llava, tc: TrainConfig, rng: random.Random, log) -> list
     """Stage 1, the toy's stand-in for CLIP's pre-training: the ViT learns to see the world's objects from
     direct labels, at the hidden state LLaVA reads: its [CLS] token predicts which kinds are in the image
     (multi-label, as CLIP's [CLS] embedding summarises an image), each patch token which kind covers it.
-    The two linear heads are thrown away afterwards, as CLIP's projection is by LLaVA."""
+    The two linear heads are thrown away afterwards, as CLIP's projection is by LLaVA.
+
+    vit_objective "cls" drops the per-patch labels and asks [CLS] for more instead (the kinds present and
+    each present kind's colour): an image-level objective only, as CLIP's, which the literature names as a
+    driver of high-norm outlier tokens (docs/toy.md, "Outlier tokens"). "global" asks the same of every patch
+    token too, so that global content must reach every token (the job registers do in large ViTs)."""
     vt, v = model.vision_tower, model.cfg.vision
     grid, K = world.SIZE // v.patch_size, len(world.KINDS)
     heads = nn.ModuleDict({"cls": nn.Linear(v.hidden_size, K), "patch": nn.Linear(v.hidden_size, K + 1),
@@ -266,10 +286,25 @@ def pretrain_vit(model: Llava, tc: TrainConfig, rng: random.Random, log) -> list
         present = torch.tensor([[float(k in s.kinds) for k in world.KINDS] for s in scenes])
         patches = torch.stack([patch_labels(s, grid, v.patch_size) for s in scenes])
         h = heads["norm"](vt(pixels))                                         # (B, 1 + N, D)
+        if tc.vit_objective in ("cls", "global"):
+            coloured = torch.tensor([[float(any(o.kind == k and o.colour == c for o in s.objects))
+                                      for k in world.KINDS for c in world.COLOURS] for s in scenes])
+            target = torch.cat([present, coloured], 1)                        # (B, K + K * colours)
+            loss = F.binary_cross_entropy_with_logits(heads["global"](h[:, 0]).float(), target)
+            if tc.vit_objective == "global":  # every patch token too must know the whole image's content
+                loss = loss + F.binary_cross_entropy_with_logits(
+                    heads["global"](h[:, 1:]).float(), target[:, None].expand(-1, h.shape[1] - 1, -1))
+            return loss
         return (F.binary_cross_entropy_with_logits(heads["cls"](h[:, 0]).float(), present)
                 + F.cross_entropy(heads["patch"](h[:, 1:]).float().flatten(0, 1), patches.flatten()))
+    if tc.vit_objective in ("cls", "global"):
+        heads = nn.ModuleDict({"global": nn.Linear(v.hidden_size, K + K * len(world.COLOURS)),
+                               "norm": heads["norm"]})
+    elif tc.vit_objective != "cls+patch":
+        raise ValueError(f"unknown vit_objective {tc.vit_objective}")
     params = list(vt.named_parameters()) + list(heads.named_parameters())
-    return optimise("vit", params, tc.vit_steps, loss_of, tc, log, tc.lr)
+    return optimise("vit", params, tc.vit_steps, loss_of, tc, log, tc.vit_lr or tc.lr,
+                    weight_decay=None if tc.vit_weight_decay < 0 else tc.vit_weight_decay)
 
 
 def text_loss(model, probes, ids, targets, words, asked, present):
@@ -289,6 +324,19 @@ def text_loss(model, probes, ids, targets, words, asked, present):
     probe = (F.cross_entropy(probes["asked"](h[existence]).float(), asked[existence]) if existence.any() else 0
              ) + F.binary_cross_entropy_with_logits(probes["present"](h).float(), present)
     return answer_loss(logits, targets) + PROBE_WEIGHT * probe
+
+
+def format_loss(model, probe, pixels, ids, targets, scenes, asked):
+    """Stage 5's loss: the answers', plus stage 2's asked-kind probe at the existence answers. Without it the
+    questions in the benchmarks' forms stayed at chance (0.51 after 300 steps at 3e-4, docs/toy.md): with a
+    suffix after the question, the kind sits at another distance from the answer, and carrying it there is
+    the hop that a balanced yes/no loss alone does not teach (text_loss)."""
+    logits, hidden = forward(model, model.encode_image(pixels), ids,
+                             probe_layer=max(1, len(model.language_model.layers) // 2))
+    h = hidden[answer_starts(targets)]
+    existence = asked != -100
+    probe_loss = F.cross_entropy(probe(h[existence]).float(), asked[existence]) if existence.any() else 0
+    return answer_loss(logits, targets) + PROBE_WEIGHT * probe_loss
 
 
 def align_loss(model, tok, pixels, ids, targets, scenes):
@@ -350,17 +398,27 @@ def train(tc: TrainConfig, workdir: str, log=sys.stderr, after_stage=None):
             elif stage == "align":
                 params, lr = projector, tc.lr
                 align_mix = dict(zip(MIX_KINDS, tc.text_mix))
-                loss_of = lambda step: align_loss(model, tok, *image_batch(tok, cfg, rng, tc.batch, align_mix))
-            else:
+                loss_of = lambda step: align_loss(model, tok, *image_batch(tok, cfg, rng, tc.batch, align_mix)[:4])
+            elif stage == "joint":
                 mix = dict(zip(MIX_KINDS, tc.mix))
                 params, lr = projector + llm, tc.joint_lr
                 loss_of = lambda step: loss_fn(model, *image_batch(tok, cfg, rng, tc.batch, mix)[:3])
+            else:  # formats: as LLaVA-1.5 learns its answer formats in instruction tuning
+                mix = dict(zip(MIX_KINDS, tc.mix))
+                probe = nn.Linear(cfg.text.hidden_size, len(world.KINDS))
+                params, lr = projector + llm + list(probe.named_parameters()), tc.format_lr
+                loss_of = lambda step: format_loss(model, probe, *image_batch(tok, cfg, rng, tc.batch, mix,
+                                                                              world.FORMS, tc.system_share))
             for _, p in params:
                 p.requires_grad_(True)
             losses[stage] = optimise(stage, params, steps, loss_of, tc, log, lr)
             accuracy = existence_accuracy(model, tok, words=stage == "text")
             print(f"{stage:5s} done: existence accuracy {accuracy:.3f} on 200 held-out questions"
                   f"{' (scene words in place of the image)' if stage == 'text' else ''}", file=log, flush=True)
+            if stage == "formats":
+                accuracy = existence_accuracy(model, tok, form="pope", system=LLAVA_V1_SYSTEM)
+                print(f"{stage:5s} done: {accuracy:.3f} asked as minidamro.eval pope asks (POPE's suffix, the "
+                      "llava_v1 system text)", file=log, flush=True)
         if after_stage:
             after_stage(stage, model, tok_file)
     return model.eval().requires_grad_(False), tok, tok_file, losses

@@ -228,9 +228,20 @@ def caption(scene: Scene) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def existence_question(kind: str) -> str:
-    """POPE's form: 'Is there a/an X in the image?'"""
-    return f"Is there {article(kind)} {kind} in the image?"
+# The forms in which the benchmarks ask (minidamro.eval sends them by default), besides the world's own:
+# POPE's question with the DAMRO / VCD scripts' suffix, and MME's yes/no questions, which end in MME_SUFFIX.
+POPE_SUFFIX = " Please answer this question with one word."  # = minidamro.eval.data.POPE_SUFFIX
+MME_SUFFIX = " Please answer yes or no."
+FORMS = ("toy", "pope", "mme")
+
+
+def existence_question(kind: str, form: str = "toy") -> str:
+    """POPE's question 'Is there a/an X in the image?' (form "toy", as generate and the lab ask it); with the
+    POPE scripts' suffix ("pope"); or as MME's existence task asks ("mme": 'Is there a/an X in this image?
+    Please answer yes or no.')."""
+    if form == "mme":
+        return f"Is there {article(kind)} {kind} in this image?{MME_SUFFIX}"
+    return f"Is there {article(kind)} {kind} in the image?" + (POPE_SUFFIX if form == "pope" else "")
 
 
 def existence_qa(kind: str, scene: Scene) -> tuple[str, str]:
@@ -250,6 +261,32 @@ def attribute_qa(rng: random.Random, scene: Scene) -> tuple[str, str]:
     return f"Where is the {o.kind}?", ("In the center." if where == "center" else f"At the {where}.")
 
 
+MME_TASKS = ("existence", "count", "position", "color")  # MME's hallucination subsets, in its order
+
+
+def mme_qa(task: str, scene: Scene, answer: bool, rng: random.Random) -> tuple[str, str]:
+    """One of MME's yes/no questions about the scene, in the form of the MME task `task`, whose answer is
+    `answer` ("Yes" / "No"). A no-question asks about an absent kind, a wrong count, another of the nine
+    places, or another colour of a present object."""
+    o = rng.choice(scene.objects)
+    if task == "existence":
+        absent = [k for k in KINDS if k not in scene.kinds]
+        return existence_question(o.kind if answer else rng.choice(absent), "mme"), "Yes" if answer else "No"
+    if task == "count":
+        n = len(scene.objects) if answer else rng.choice([c for c in COUNTS if c != len(scene.objects)])
+        q = "Is there one object in this image?" if n == 1 else f"Are there {NUMBERS[n]} objects in this image?"
+    elif task == "position":
+        where = o.position if answer else rng.choice([g for g in GRID if g != o.position])
+        q = f"Is the {o.kind} in the center of the image?" if where == "center" else \
+            f"Is the {o.kind} at the {where} of the image?"
+    elif task == "color":
+        colour = o.colour if answer else rng.choice([c for c in COLOURS if c != o.colour])
+        q = f"Is there {article(colour)} {colour} {o.kind} in this image?"
+    else:
+        raise ValueError(f"unknown MME task {task}")
+    return q + MME_SUFFIX, "Yes" if answer else "No"
+
+
 def conversation(rng: random.Random, scene: Scene, absent_pool=KINDS) -> list[tuple[str, str]]:
     """Everything the world says about one scene, as turns in random order (the tokenizer's corpus): one
     caption, up to two existence questions with answer yes and two with answer no (absent kinds drawn uniformly
@@ -264,12 +301,19 @@ def conversation(rng: random.Random, scene: Scene, absent_pool=KINDS) -> list[tu
     return turns
 
 
-def existence_questions(rng: random.Random, scene: Scene, n: int, absent_pool=KINDS) -> list[tuple[str, str]]:
+def existence_questions(rng: random.Random, scene: Scene, n: int, absent_pool=KINDS,
+                        forms: tuple = ("toy",)) -> list[tuple[str, str]]:
     """n existence questions in POPE's form, each independently "Yes" or "No" with probability 1/2: the kind
-    drawn uniformly from those present, or from the absent ones in `absent_pool` (a kind may be asked twice)."""
+    drawn uniformly from those present, or from the absent ones in `absent_pool` (a kind may be asked twice),
+    each in a form drawn uniformly from `forms` (existence_question)."""
     present = [o.kind for o in scene.objects]
     absent = [k for k in absent_pool if k not in scene.kinds]
-    return [existence_qa(rng.choice(present if rng.random() < 0.5 else absent), scene) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        kind = rng.choice(present if rng.random() < 0.5 else absent)
+        form = forms[0] if len(forms) == 1 else rng.choice(forms)  # one form: the stream the old recipe drew
+        out.append((existence_question(kind, form), "Yes" if kind in scene.kinds else "No"))
+    return out
 
 
 # ---------------------------------------------------------------------------------- vocabulary (CHAIR)
