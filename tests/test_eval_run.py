@@ -291,6 +291,7 @@ def test_a_run_made_before_prompt_templates_resumes_with_the_default(checkpoints
     ("pope", "Is there a dog?", "must contain {question}"),
     ("mme", "   ", "is empty"),
     ("chair", "Describe {question}", "CHAIR asks no question"),
+    ("pope", "<image> {question}", "must not contain <image>"),
 ])
 def test_impossible_prompt_templates_are_one_line(checkpoints, pope_set, tmp_path, capsys, command, template, message):
     common = ["--model", checkpoints["mha"], "--out", str(tmp_path / "r"), "--prompt-template", template]
@@ -370,3 +371,35 @@ def test_score_tabulates_methods_side_by_side_and_refuses_other_differences(chec
     assert e.value.code == 1 and err.count("\n") == 1 and "max_new_tokens = 6" in err and "max_new_tokens = 5" in err
     text, _ = run_ok(capsys, ["score", str(reference_run), str(other), "--allow-differences"])
     assert "differing: " in text.splitlines()[0]
+
+
+def test_seed_directories_are_kept_consistent(checkpoints, pope_set, tmp_path, capsys):
+    """Resuming an --seeds directory without --seeds, or adding seeds with other settings, is refused before any
+    work, naming why; "42," is a list of one seed; neither_ids are not averaged over seeds."""
+    out = tmp_path / "s"
+    run_ok(capsys, pope_args(checkpoints["mha"], pope_set, out, "--seeds", "42,"))
+    assert sorted(os.listdir(out)) == ["metrics.json", "seed-42"]
+    for extra, says in ((["--seed", "42"], "resume them with --seeds"),
+                        (["--seeds", "43,", "--max-new-tokens", "5"], "max_new_tokens")):
+        argv = pope_args(checkpoints["mha"], pope_set, out, *extra)
+        if "--max-new-tokens" in extra:
+            argv = argv[:argv.index("--max-new-tokens")] + argv[argv.index("--max-new-tokens") + 2:]
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.count("\n") == 1 and says in err, err
+    assert sorted(os.listdir(out)) == ["metrics.json", "seed-42"]  # nothing written
+    m = json.load(open(out / "metrics.json"))
+    assert "neither_ids" not in m["mean"]["coco_pope_random"]["damro"]
+    assert "neither_ids" in m["per_seed"]["42"]["coco_pope_random"]["damro"]
+
+
+def test_a_run_made_before_prompt_templates_tabulates_with_a_new_one(checkpoints, pope_set, reference_run, tmp_path,
+                                                                    capsys):
+    old = tmp_path / "old"
+    shutil.copytree(reference_run, old)
+    settings = json.load(open(old / "run.json"))
+    del settings["prompt_template"]
+    (old / "run.json").write_text(json.dumps(settings))
+    text, _ = run_ok(capsys, ["score", str(old), str(reference_run)])
+    assert text.startswith("pope: 2 runs; greedy; seed 42") and "differing" not in text

@@ -118,3 +118,11 @@ def test_shipped_model_answers_the_benchmark_wording(tmp_path, capsys):
     assert m["toy_pope_random"]["pope"]["questions"] == 188
     for rule in ("pope", "damro"):
         assert m["toy_pope_random"][rule]["accuracy"] >= 0.95, m["toy_pope_random"]
+
+
+def test_render_refuses_a_directory_with_benchmark_files(bench, tmp_path, capsys):
+    """MME reads every task file of its folders: a second render into the same directory would mix two."""
+    with pytest.raises(SystemExit) as e:
+        toy_main(["render", "--out", str(bench), "--seed", "5", "--count", "2", "--benchmarks"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "already holds benchmark files" in err

@@ -129,10 +129,10 @@ def parse_seeds(text: str | None, seed: int) -> list[int] | None:
     if text is None:
         return None
     try:
-        parts = [int(x) for x in text.split(",")]
+        parts = [int(x) for x in text.split(",") if x.strip()]  # "42," is a list of one seed; "42" a count
     except ValueError:
         raise MinidamroError(f"--seeds takes seeds separated by commas or a count, got {text}") from None
-    seeds = parts if "," in text else list(range(seed, seed + parts[0]))
+    seeds = parts if "," in text else list(range(seed, seed + parts[0])) if parts else []
     if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= x < 2**63 for x in seeds):
         raise MinidamroError(f"--seeds: give distinct seeds in [0, 2^63) or a count >= 1, got {text}")
     return seeds
@@ -160,6 +160,9 @@ def run(a) -> dict:
         chair.Chair(a.synonyms)  # nltk and its data, and the vocabulary
     if seeds and os.path.exists(os.path.join(a.out, "run.json")):
         raise MinidamroError(f"{a.out} holds a run of one seed; --seeds writes OUT/seed-S directories: use another --out")
+    if seeds is None and seed_dirs(a.out):
+        raise MinidamroError(f"{a.out} holds runs of several seeds (seed-S directories): resume them with --seeds, "
+                             "or use another --out")
     outs = {a.seed: a.out} if seeds is None else {s: os.path.join(a.out, f"seed-{s}") for s in seeds}
     items, problems = load_items(a)
     mine = data.shard(items, k, n)
@@ -176,9 +179,13 @@ def run(a) -> dict:
         raise MinidamroError(problems[0] + more)
     # After the checks: a typo leaves no run.json. A run made before --prompt-template and --synonyms existed
     # used their defaults: it resumes with them.
+    absent = {"prompt_template": data.TEMPLATES[a.command], "synonyms": None}
+    if seeds:  # the seeds already in OUT must have been run with these settings too, or OUT could never be scored
+        for s, path in seed_dirs(a.out):
+            if s not in outs:
+                check_settings(path, settings_of(a, a.model, len(items), s), absent)
     for s, out in outs.items():
-        check_settings(out, settings_of(a, a.model, len(items), s),
-                       {"prompt_template": data.TEMPLATES[a.command], "synonyms": None})
+        check_settings(out, settings_of(a, a.model, len(items), s), absent)
         read_answers(paths[s], repair=True)  # cut a torn last line before appending
     for p in problems:
         print(f"skipped: {p}", file=sys.stderr)

@@ -26,9 +26,12 @@ TEMPLATES = {"pope": "{question}" + POPE_SUFFIX, "chair": CHAIR_PROMPT, "mme": "
 
 
 def check_template(task: str, template: str):
-    """POPE's and MME's templates must place the question; CHAIR has none to place."""
+    """POPE's and MME's templates must place the question; CHAIR has none to place; the image is the chat
+    template's (a second <image> would make a second image run)."""
     if not template.strip():
         raise MinidamroError("--prompt-template is empty")
+    if "<image>" in template:
+        raise MinidamroError("--prompt-template must not contain <image>: the chat template puts the image first")
     if task == "chair" and "{question}" in template:
         raise MinidamroError("--prompt-template: CHAIR asks no question, so its prompt has no {question}")
     if task != "chair" and "{question}" not in template:

@@ -90,6 +90,8 @@ def score_run(out: str) -> dict:
             settings = json.load(f)
     except (OSError, ValueError) as e:
         raise MinidamroError(f"{out} is not a run directory (run.json: {e})") from None
+    # Settings that runs made by older versions did not record, with the value they then had.
+    settings = {"prompt_template": data.TEMPLATES.get(settings.get("task"), ""), "synonyms": None} | settings
     every = merged_answers(out)
     answered = [a for a in every if "skipped" not in a]
     skipped = sorted(a["id"] for a in every if "skipped" in a)
@@ -139,8 +141,8 @@ def tree_stats(runs: list[dict]) -> tuple[dict, dict]:
     mean, std = {}, {}
     for key, first in runs[0].items():
         values = [r.get(key) for r in runs]
-        if key in ("settings", "sentences") or isinstance(first, str):
-            continue
+        if key in ("settings", "sentences", "neither_ids") or isinstance(first, str):
+            continue  # (question ids are not numbers to average)
         if isinstance(first, list):
             if all(isinstance(v, list) and len(v) == len(first) and all(map(is_number, v)) for v in values):
                 m, sd = tree_stats([dict(enumerate(v)) for v in values])

@@ -22,12 +22,13 @@ POPE_COLUMNS = (("accuracy", "Acc"), ("precision", "Prec"), ("recall", "Rec"), (
 
 
 def load(target: str) -> dict:
-    """A run directory or an --seeds parent -> {"target", "settings", "mean", "std" (None for one run), "n"}."""
+    """A run directory or an --seeds parent -> {"target", "settings", "mean", "std" (None for one run), "per_seed"}."""
     if seed_dirs(target):
         m = score_seeds(target)
-        return {"target": target, "settings": m["settings"], "mean": m["mean"], "std": m["std"], "n": len(m["seeds"])}
+        return {"target": target, "settings": m["settings"], "mean": m["mean"], "std": m["std"],
+                "per_seed": list(m["per_seed"].values())}
     m = score_run(target)
-    return {"target": target, "settings": m["settings"], "mean": m, "std": None, "n": 1}
+    return {"target": target, "settings": m["settings"], "mean": m, "std": None, "per_seed": [m]}
 
 
 def label(settings: dict) -> str:
@@ -71,18 +72,22 @@ def pope_table(runs: list[dict], rule: str) -> tuple[list[str], list[tuple[str, 
     rows = []
     for stem in stems + (["average"] if len(stems) > 1 else []):
         for r in runs:
-            if stem == "average":  # the mean over the splits of each run (LLaVA's POPE figure is F1's)
-                values = []
-                for key, _ in POPE_COLUMNS:
-                    per = [cell(r, (s, rule, key), 1 if key == "neither" else 100, 0 if key == "neither" else 2)
-                           for s in stems]
-                    if any(v[0] is None for v in per):
-                        values.append((None, None, 2))
-                    else:
-                        values.append((sum(v[0] for v in per) / len(per), None, per[0][2]))
-            else:
-                values = [cell(r, (stem, rule, key), 1 if key == "neither" else 100, 0 if key == "neither" else 2)
-                          for key, _ in POPE_COLUMNS]
+            values = []
+            for key, _ in POPE_COLUMNS:
+                scale, digits = (1, 0 if r["std"] is None else 1) if key == "neither" else (100, 2)
+                if stem != "average":
+                    values.append(cell(r, (stem, rule, key), scale, digits))
+                    continue
+                # The mean over the splits (LLaVA's POPE figure is F1's), per seed, then over the seeds.
+                per_seed = [[get(m, (s, rule, key)) for s in stems] for m in r["per_seed"]]
+                if any(v is None for p in per_seed for v in p):
+                    values.append((None, None, digits))
+                    continue
+                averages = [scale * sum(p) / len(p) for p in per_seed]
+                mean = sum(averages) / len(averages)
+                std = (sum((a - mean) ** 2 for a in averages) / (len(averages) - 1)) ** 0.5 if len(averages) > 1 \
+                    else None
+                values.append((mean, std, digits))
             rows.append(([stem, label(r["settings"])], values))
     return columns, rows
 

@@ -158,8 +158,12 @@ def cmd_outliers(a):
     if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
         raise MinidamroError(f"--out {a.out} exists and is not a directory")
     results = {}
+    from . import world
     for path in a.models:
         model = load_model(path)
+        if (model.cfg.vision.image_size, model.cfg.vision.patch_size) != (world.SIZE, 14):
+            raise MinidamroError(f"{path} is not a toy-world model ({world.SIZE} px, patch 14); for another "
+                                 "checkpoint, python -m minidamro.analyze IMAGE writes the same diagnostics")
         name = os.path.basename(os.path.normpath(path))
         if name in results:
             raise MinidamroError(f"two models are named {name}: give them directories with different names")
@@ -189,6 +193,9 @@ def cmd_render(a):
         raise MinidamroError("--benchmarks draws the lab's pool (half probe scenes); leave out --probe")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise MinidamroError(f"--out {a.out} exists and is not a directory")
+    held = [d for d in ("pope", "chair", "mme") if os.path.exists(os.path.join(a.out, d))]
+    if a.benchmarks and held:  # MME reads every task file in its folders: an older render's would join in
+        raise MinidamroError(f"--out {a.out} already holds benchmark files ({', '.join(held)}/): use a new directory")
     os.makedirs(a.out, exist_ok=True)
     if a.benchmarks:
         scenes = splits.lab_scenes(a.seed, a.count)
