@@ -273,13 +273,18 @@ def test_prompt_template_and_system_are_settings(checkpoints, pope_set, referenc
     assert default["system"].startswith("A chat between a curious human")
 
 
-def test_a_run_made_before_prompt_templates_resumes_with_the_default(checkpoints, pope_set, reference_run, tmp_path,
-                                                                    capsys):
-    out = tmp_path / "run"
+def run_before_prompt_templates(reference_run, out):
+    """A copy of the reference run as a version without --prompt-template wrote it: no prompt_template in run.json."""
     shutil.copytree(reference_run, out)
     settings = json.load(open(out / "run.json"))
     del settings["prompt_template"]
     (out / "run.json").write_text(json.dumps(settings))
+    return out
+
+
+def test_a_run_made_before_prompt_templates_resumes_with_the_default(checkpoints, pope_set, reference_run, tmp_path,
+                                                                    capsys):
+    out = run_before_prompt_templates(reference_run, tmp_path / "run")
     out_text, _ = run_ok(capsys, pope_args(checkpoints["mha"], pope_set, out, "--json"))  # nothing left: scores
     assert json.loads(out_text.splitlines()[-1])["answers"] == 24
     with pytest.raises(SystemExit):
@@ -396,10 +401,6 @@ def test_seed_directories_are_kept_consistent(checkpoints, pope_set, tmp_path, c
 
 def test_a_run_made_before_prompt_templates_tabulates_with_a_new_one(checkpoints, pope_set, reference_run, tmp_path,
                                                                     capsys):
-    old = tmp_path / "old"
-    shutil.copytree(reference_run, old)
-    settings = json.load(open(old / "run.json"))
-    del settings["prompt_template"]
-    (old / "run.json").write_text(json.dumps(settings))
+    old = run_before_prompt_templates(reference_run, tmp_path / "old")
     text, _ = run_ok(capsys, ["score", str(old), str(reference_run)])
     assert text.startswith("pope: 2 runs; greedy; seed 42") and "differing" not in text

@@ -22,7 +22,8 @@ from .. import generate as gen
 from ..llava import read_config
 from . import chair, data, mme, table
 from .engine import Engine
-from .run import Progress, answers_name, check_settings, read_answers, shard_spec, write_json_atomic
+from .run import (Progress, answers_name, check_settings, parse_seeds, read_answers, shard_spec,
+                  write_json_atomic)
 from .score import released_chair, released_pope, score_run, score_seeds, seed_dirs
 
 
@@ -122,20 +123,6 @@ def settings_of(a, model_cfg_path: str, n_questions: int, seed: int) -> dict:
     if quantization:  # only when set: runs made before int8 existed resume unchanged
         s["quantization"] = quantization
     return s
-
-
-def parse_seeds(text: str | None, seed: int) -> list[int] | None:
-    """--seeds 42,43,44, or a count N: --seed, --seed + 1, ..., --seed + N - 1. None: one run, --seed."""
-    if text is None:
-        return None
-    try:
-        parts = [int(x) for x in text.split(",") if x.strip()]  # "42," is a list of one seed; "42" a count
-    except ValueError:
-        raise MinidamroError(f"--seeds takes seeds separated by commas or a count, got {text}") from None
-    seeds = parts if "," in text else list(range(seed, seed + parts[0])) if parts else []
-    if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= x < 2**63 for x in seeds):
-        raise MinidamroError(f"--seeds: give distinct seeds in [0, 2^63) or a count >= 1, got {text}")
-    return seeds
 
 
 def run(a) -> dict:
@@ -288,38 +275,6 @@ def score(a) -> dict:
     return metrics
 
 
-def describe(s: dict) -> list[str]:
-    """A run's settings in two lines: what was run, and the exact prompt it was asked in."""
-    method = " ".join(f"{k} {s[k]}" for k in ("alpha", "beta", "topk", "noise_step") if k in s)
-    decoding = "greedy" if not s.get("temperature") else f"temperature {s['temperature']} top_p {s['top_p']} " \
-                                                          f"seed {s['seed']}"
-    template = s.get("prompt_template", data.TEMPLATES.get(s.get("task"), ""))
-    return [f"{s.get('task')}: {s.get('method')} {method}; {decoding}; {s.get('questions')} questions",
-            f"prompt {json.dumps(template)} after system text {json.dumps(s.get('system'))}"]
-
-
-def summary(command: str, m: dict) -> str:
-    if not m:
-        return ""
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    lines = describe(m["settings"]) if isinstance(m.get("settings"), dict) else []
-    if "overall_metrics" in m:
-        lines.append("  ".join(f"{k} {pct(m[k]) if k != 'Len' else ('n/a' if m[k] is None else f'{m[k]:.2f}')}"
-                               for k in ("CHAIRs", "CHAIRi", "Recall", "Len")))
-    elif "tasks" in m:
-        for t, v in m["tasks"].items():
-            points = "n/a" if v["score"] is None else f"{v['score']:.2f}"
-            lines.append(f"{t:24s} acc {pct(v['acc'])}  acc+ {pct(v['acc_plus'])}  score {points}")
-        lines.append(f"{'total':24s} {m['total']:.2f}")
-    else:
-        for stem, rules in m.items():
-            if isinstance(rules, dict) and "damro" in rules:
-                for rule, v in rules.items():
-                    lines.append(f"{stem} [{rule}]: accuracy {pct(v['accuracy'])}  precision {pct(v['precision'])}  "
-                                 f"recall {pct(v['recall'])}  f1 {pct(v['f1'])}  yes {pct(v['yes_ratio'])}")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     a = parse_args(argv)
     metrics = gen.guarded(score if a.command == "score" else run, a)
@@ -329,7 +284,7 @@ def main(argv=None):
     if metrics and "mean" in metrics and not a.json:  # an --seeds run: its table of one row
         print(gen.guarded(lambda: table.table([a.out])[0]))
     elif metrics and not a.json:
-        print(summary(a.command, metrics))
+        print(table.summary(metrics))
     if a.json:
         print(json.dumps(metrics, ensure_ascii=False))
 

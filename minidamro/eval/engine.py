@@ -79,13 +79,17 @@ class Engine:
                 self.prefix_of = None
             yield from self._answer_image_reused(pixels, prompts, image_key, image_size, seed)
 
+    def _ids(self, prompts, image_size):
+        """The prompts' ids, and where their shared prefix ends (the end of the image run)."""
+        all_ids = [self.ids(p, image_size) for _, p in prompts]
+        return all_ids, int((all_ids[0] == self.model.cfg.image_token_index).nonzero()[-1]) + 1
+
     def _prefix(self, pixels, prompts, image_key, image_size, seed):
         """Per image: the method's preparation, the prompts' ids, where the shared prefix ends, each stream's prefix."""
         image_token = self.model.cfg.image_token_index
         generator = torch.Generator(self.device).manual_seed(derived_seed(seed, "image/" + image_key))
         prepared = self.method.prepare(self.model, pixels.to(self.device), self.cfg, generator, image_size=image_size)
-        all_ids = [self.ids(p, image_size) for _, p in prompts]
-        end = int((all_ids[0] == image_token).nonzero()[-1]) + 1  # the prefix: up to the end of the image run
+        all_ids, end = self._ids(prompts, image_size)
         prefix = all_ids[0][:end]
         for ids in all_ids:  # the template puts every question after the image, so the prefix is shared
             assert torch.equal(ids[:end], prefix), "questions do not share the prompt up to the image"
@@ -98,8 +102,7 @@ class Engine:
         key = seed if self.method.random else None
         if self.prefix_of is not None and self.prefix_of[0] == key:  # another seed, same image: keep the prefix
             prepared, lengths = self.prefix_of[1]
-            all_ids = [self.ids(p, image_size) for _, p in prompts]
-            end = int((all_ids[0] == model.cfg.image_token_index).nonzero()[-1]) + 1
+            all_ids, end = self._ids(prompts, image_size)
             longest = max(len(ids) for ids in all_ids) - end + self.max_new_tokens
             fits = all(c.max_len >= n + longest for c, n in zip(self.caches, lengths))
         else:

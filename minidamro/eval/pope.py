@@ -72,10 +72,10 @@ def read_pope(answer: str) -> str:
     return "yes" if "Yes" in words or "yes" in words else "neither"
 
 
-def accounting(reads: list[str], ids: list | None) -> dict:
-    """Every answer accounted for: how many the rule reads as each, the share read as a plain yes, and which
-    ones are neither (with `ids`)."""
-    counts = {k: reads.count(k) for k in ("yes", "no", "both", "neither")}
+def accounting(reads: list[str], ids: list | None, kinds=("yes", "no", "both", "neither")) -> dict:
+    """Every answer accounted for: how many the rule reads as each of `kinds`, the share read as a plain yes,
+    and which ones are neither (with `ids`)."""
+    counts = {k: reads.count(k) for k in kinds}
     out = {"read": counts, "said_yes_ratio": ratio(counts["yes"], len(reads)), "neither": counts["neither"]}
     if ids is not None:
         out["neither_ids"] = [i for i, r in zip(ids, reads, strict=True) if r == "neither"]
@@ -86,7 +86,6 @@ def score(labels: list[str], answers: list[str], ids: list | None = None) -> dic
     """Both rules: {"damro": {...}, "pope": {...}}, fractions in [0, 1] plus the four counts (exactly the
     released scripts' numbers), and beside them each rule's accounting of the answers (read, said_yes_ratio:
     answers read as yes / all answers, neither and, with `ids`, which questions those are)."""
-    pope_reads = accounting([read_pope(a) for a in answers], ids)
-    del pope_reads["read"]["both"]  # the official rule reads every answer as yes or no
     return {"damro": score_damro(labels, answers) | accounting([read_damro(a) for a in answers], ids),
-            "pope": score_pope(labels, answers) | pope_reads}
+            "pope": score_pope(labels, answers) | accounting([read_pope(a) for a in answers], ids,
+                                                             ("yes", "no", "neither"))}

@@ -37,6 +37,20 @@ def shard_spec(text: str | None) -> tuple[int, int]:
     return k, n
 
 
+def parse_seeds(text: str | None, seed: int) -> list[int] | None:
+    """--seeds 42,43,44, or a count N: --seed, --seed + 1, ..., --seed + N - 1. None: one run, --seed."""
+    if text is None:
+        return None
+    try:
+        parts = [int(x) for x in text.split(",") if x.strip()]  # "42," is a list of one seed; "42" a count
+    except ValueError:
+        raise MinidamroError(f"--seeds takes seeds separated by commas or a count, got {text}") from None
+    seeds = parts if "," in text else list(range(seed, seed + parts[0])) if parts else []
+    if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= x < 2**63 for x in seeds):
+        raise MinidamroError(f"--seeds: give distinct seeds in [0, 2^63) or a count >= 1, got {text}")
+    return seeds
+
+
 def answers_name(k: int, n: int) -> str:
     return "answers.jsonl" if n == 1 else f"answers.{k}-of-{n}.jsonl"
 

@@ -1,4 +1,6 @@
-"""Methods side by side: `python -m minidamro.eval score RUN_DIR [RUN_DIR ...]` as one table in the papers' layout.
+"""What `python -m minidamro.eval` prints: one run's summary, and runs side by side in the papers' layout.
+
+`score RUN_DIR [RUN_DIR ...]` prints the runs as one table.
 
 Each RUN_DIR is one run, or the parent of an `--seeds` run (its cells are then mean ± std over the seeds). A
 row is a run, named by its method and the method's settings, read from its stored settings. The runs must
@@ -10,6 +12,7 @@ comparison would not be of the methods alone: a difference is refused, naming it
     CHAIR  CHAIRs, CHAIRi, recall (%), and the mean caption length
     MME    each task's score, and their total
 """
+import json
 from dataclasses import fields
 
 from .. import MinidamroError, methods
@@ -29,6 +32,11 @@ def load(target: str) -> dict:
                 "per_seed": list(m["per_seed"].values())}
     m = score_run(target)
     return {"target": target, "settings": m["settings"], "mean": m, "std": None, "per_seed": [m]}
+
+
+def decoding(settings: dict) -> str:
+    return "greedy" if not settings.get("temperature") else \
+        f"temperature {settings['temperature']}, top-p {settings['top_p']}"
 
 
 def label(settings: dict) -> str:
@@ -140,8 +148,7 @@ def table(targets: list[str], rule: str = "damro", markdown: bool = False, allow
         mme_table(runs)
     s = runs[0]["settings"]
     seeds = f"mean ± sample std over seeds {s['seeds']}" if "seeds" in s else f"seed {s.get('seed')}"
-    decoding = "greedy" if not s.get("temperature") else f"temperature {s['temperature']}, top-p {s.get('top_p')}"
-    head = (f"{task}: {len(runs)} runs; {decoding}; {seeds}" + (f"; rule {rule} (% except 'neither': answers)"
+    head = (f"{task}: {len(runs)} runs; {decoding(s)}; {seeds}" + (f"; rule {rule} (% except 'neither': answers)"
                                                                  if task == "pope" else "") +
             (f"; differing: {diff}" if diff else ""))
     text = head + "\n" + render(columns, rows, markdown)
@@ -150,3 +157,33 @@ def table(targets: list[str], rule: str = "damro", markdown: bool = False, allow
                          "std": [v[1] for v in values]} for labels, values in rows],
                "runs": [r["target"] for r in runs]}
     return text, as_json
+
+
+def describe(s: dict) -> list[str]:
+    """A run's settings in two lines: what was run, and the exact prompt it was asked in."""
+    seed = f", seed {s['seed']}" if s.get("temperature") else ""
+    return [f"{s['task']}: {label(s)}; {decoding(s)}{seed}; {s['questions']} questions",
+            f"prompt {json.dumps(s['prompt_template'])} after system text {json.dumps(s['system'])}"]
+
+
+def summary(m: dict) -> str:
+    """One run's metrics (or a released file's) as a few lines of text: its settings, then the numbers."""
+    if not m:
+        return ""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = describe(m["settings"]) if isinstance(m.get("settings"), dict) else []
+    if "overall_metrics" in m:
+        lines.append("  ".join(f"{k} {pct(m[k]) if k != 'Len' else ('n/a' if m[k] is None else f'{m[k]:.2f}')}"
+                               for k in ("CHAIRs", "CHAIRi", "Recall", "Len")))
+    elif "tasks" in m:
+        for t, v in m["tasks"].items():
+            points = "n/a" if v["score"] is None else f"{v['score']:.2f}"
+            lines.append(f"{t:24s} acc {pct(v['acc'])}  acc+ {pct(v['acc_plus'])}  score {points}")
+        lines.append(f"{'total':24s} {m['total']:.2f}")
+    else:
+        for stem, rules in m.items():
+            if isinstance(rules, dict) and "damro" in rules:
+                for rule, v in rules.items():
+                    lines.append(f"{stem} [{rule}]: accuracy {pct(v['accuracy'])}  precision {pct(v['precision'])}  "
+                                 f"recall {pct(v['recall'])}  f1 {pct(v['f1'])}  yes {pct(v['yes_ratio'])}")
+    return "\n".join(lines)
