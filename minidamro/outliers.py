@@ -14,6 +14,8 @@ Transformers Need Registers", ICLR 2024). DAMRO's outliers are the top-k patches
     cls_self           the share [CLS] gives itself
     top_k_background   (when patch labels are given, as the toy world has them) the share of the top-k on
                        background patches
+    high_norm          per hidden state, the patches whose norm is >= HIGH_NORM x the median (and, with labels,
+                       high_norm_background: how many of them are background); summary gives the totals
 
 `summary` aggregates images; `figure` draws the norm ratio per hidden state and the top-k share, so that two
 models can be compared at a glance. LLaVA-NeXT: the base tile's (the one DAMRO uses).
@@ -49,8 +51,11 @@ def diagnose(model, pixels, k: int, mode: str = "full", labels=None) -> dict:
            "top_k_norm_ratio": [float(norms[layer][j] / medians[layer]) for j in top.tolist()],
            "top_k_share": float(row[1:][top].sum()),
            "cls_self": float(row[0])}
+    high = [(n / m >= HIGH_NORM).nonzero()[:, 0].tolist() for n, m in zip(norms, medians)]
+    out["high_norm"] = [len(h) for h in high]  # per hidden state: patches at >= HIGH_NORM x the median norm
     if labels is not None:
         out["top_k_background"] = sum(int(labels[j]) == 0 for j in top.tolist()) / k
+        out["high_norm_background"] = [sum(int(labels[j]) == 0 for j in h) for h in high]
     return out
 
 
@@ -71,8 +76,10 @@ def summary(per_image: list[dict]) -> dict:
            "cls_self": med([d["cls_self"] for d in per_image]),
            "with_outliers": sum(map(has_outliers, per_image)) / len(per_image),
            "criterion": f"all top-k norms >= {HIGH_NORM:g}x the median patch norm and top-k share >= {HALF:g}"}
+    out["high_norm"] = [sum(d["high_norm"][i] for d in per_image) for i in range(n_states)]  # totals
     if "top_k_background" in per_image[0]:
         out["top_k_background"] = sum(d["top_k_background"] for d in per_image) / len(per_image)
+        out["high_norm_background"] = [sum(d["high_norm_background"][i] for d in per_image) for i in range(n_states)]
     return out
 
 

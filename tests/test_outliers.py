@@ -50,19 +50,24 @@ def test_diagnostics_equal_the_same_numbers_from_transformers(hf_checkpoints, ch
     assert abs(got["top_k_share"] - float(top.values.sum())) <= k * d + 4 * U
     assert abs(got["cls_self"] - float(row[0])) <= d + 2 * U
     assert got["top_k"] == damro.select_outliers(mine, k).tolist()  # DAMRO's own selection, as DAMRO makes it
+    for i, h in enumerate(ours):  # patches at >= 3x the median norm, counted from the same norms
+        n = h[0, 1:].norm(dim=-1)
+        assert got["high_norm"][i] == int((n / n.median() >= outliers.HIGH_NORM).sum())
     assert [float(row[1:][j]) for j in got["top_k"]] == sorted(
         (float(row[1:][j]) for j in got["top_k"]), reverse=True)
 
 
 def test_the_criterion_and_the_summary_by_hand():
     a = {"selection_layer": 2, "k": 2, "norm_ratio": [1.0, 4.0, 6.0], "top_k": [5, 9], "top_k_norm_ratio": [6.0, 3.0],
-         "top_k_share": 0.6, "cls_self": 0.1, "top_k_background": 1.0}
+         "top_k_share": 0.6, "cls_self": 0.1, "top_k_background": 1.0, "high_norm": [0, 1, 2],
+         "high_norm_background": [0, 1, 1]}
     b = dict(a, top_k_norm_ratio=[6.0, 2.9], norm_ratio=[1.0, 2.0, 2.0], top_k_share=0.7, top_k_background=0.5)
     c = dict(a, top_k_share=0.49, cls_self=0.3)
     assert [outliers.has_outliers(x) for x in (a, b, c)] == [True, False, False]
     s = outliers.summary([a, b, c])
     assert s["with_outliers"] == 1 / 3 and s["norm_ratio"] == [1.0, 4.0, 6.0] and s["top_k_share"] == 0.6
     assert s["top_k_norm_ratio_min"] == 3.0 and s["cls_self"] == 0.1 and s["top_k_background"] == 2.5 / 3
+    assert s["high_norm"] == [0, 3, 6] and s["high_norm_background"] == [0, 3, 3]
     assert "with" in outliers.table({"m": s}).splitlines()[0]
 
 

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 
+from ..eval.run import parse_seeds, write_json_atomic
 from ..generate import Parser, guarded
 from .. import MinidamroError
 from . import MODEL_DIR
@@ -120,18 +121,13 @@ def cmd_eval(a):
             raise MinidamroError(f"--methods: unknown method {name} (have {', '.join(lab.METHODS)})")
     if not 1 <= a.images <= 10000 or not 0 <= a.captions <= a.images:
         raise MinidamroError("--images must be in 1..10000 and --captions in 0..images")
+    if not (a.temperature == 0 or 1e-6 <= a.temperature < math.inf):
+        raise MinidamroError(f"--temperature must be 0 (greedy) or a finite number >= 1e-6, got {a.temperature}")
+    seeds = parse_seeds(a.seeds, 0) or [0]  # as eval's --seeds, counting from 0
     dcfg = damro.DamroConfig(a.alpha, a.beta, a.topk)
     model = load_model(a.model)
     dcfg.check(model.cfg.vision.num_patches)
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
-    try:
-        seeds = [int(x) for x in a.seeds.split(",")]
-    except ValueError:
-        raise MinidamroError(f"--seeds takes decoding seeds separated by commas, got {a.seeds}") from None
-    if len(set(seeds)) != len(seeds) or not all(0 <= x < 2**63 for x in seeds):
-        raise MinidamroError(f"--seeds: give distinct seeds in [0, 2^63), got {a.seeds}")
-    if not (a.temperature == 0 or 1e-6 <= a.temperature < math.inf):
-        raise MinidamroError(f"--temperature must be 0 (greedy) or a finite number >= 1e-6, got {a.temperature}")
     if len(seeds) == 1:
         result = lab.run(model, tok, a.seed, a.images, a.captions, a.methods, dcfg, temperature=a.temperature,
                          decode_seed=seeds[0])
@@ -158,7 +154,7 @@ def cmd_outliers(a):
     if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
         raise MinidamroError(f"--out {a.out} exists and is not a directory")
     results = {}
-    from . import world
+    from . import splits, world
     for path in a.models:
         model = load_model(path)
         if (model.cfg.vision.image_size, model.cfg.vision.patch_size) != (world.SIZE, 14):
@@ -167,13 +163,12 @@ def cmd_outliers(a):
         name = os.path.basename(os.path.normpath(path))
         if name in results:
             raise MinidamroError(f"two models are named {name}: give them directories with different names")
-        per_image = lab.vit_outliers(model, a.seed, a.images, a.topk)
+        per_image = lab.vit_outliers(model, splits.lab_scenes(a.seed, a.images), a.topk)
         results[name] = {"model": path, "summary": outliers.summary(per_image), "images": per_image}
     print(outliers.table({n: r["summary"] for n, r in results.items()}))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        from .benchmarks import write_text
-        write_text(os.path.join(a.out, "outliers.json"), json.dumps(results) + "\n")
+        write_json_atomic(os.path.join(a.out, "outliers.json"), results)
         fig = outliers.figure({n: r["summary"] for n, r in results.items()},
                               f"ViT outliers on {a.images} lab scenes of seed {a.seed} (medians)")
         fig.save(os.path.join(a.out, "outliers.png.tmp"), format="PNG")
@@ -274,8 +269,9 @@ def main(argv=None):
     e.add_argument("--beta", type=float, default=dd.beta)
     e.add_argument("--topk", type=int, default=dd.topk)
     e.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, as the lab's tables")
-    e.add_argument("--seeds", default="0", help="decoding seeds, separated by commas (several: mean ± std); each "
-                                                "seeds the sampler of every question and VCD's noise (default 0)")
+    e.add_argument("--seeds", default=None, help="decoding seeds, separated by commas, or a count N (0 .. N - 1); "
+                                                 "each seeds the sampler of every question and VCD's noise; several: "
+                                                 "mean ± std (default: 0)")
     e.add_argument("--threads", type=int, default=1, help="torch threads (1: the model is too small to share)")
     e.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     o = sub.add_parser("outliers", help="ViT outlier-token diagnostics of checkpoints on the lab's scenes")

@@ -54,12 +54,12 @@ def summarise(words: list) -> dict:
             "F": mean([f for _, f in words])}
 
 
-def vit_outliers(model, seed: int, images: int, k: int, mode: str = "full") -> list[dict]:
-    """outliers.diagnose on each of the lab's scenes of `seed`, with the world's patch labels (background or
-    object) for the top-k patches."""
+def vit_outliers(model, scenes: list, k: int, mode: str = "full", pixels: list | None = None) -> list[dict]:
+    """outliers.diagnose on each scene (its preprocessed `pixels` if already made), with the world's patch
+    labels (background or object) for the top-k patches."""
     grid, patch = model.cfg.vision.image_size // model.cfg.vision.patch_size, model.cfg.vision.patch_size
-    return [outliers.diagnose(model, preprocess(world.render(s), model.cfg.preprocessor), k, mode,
-                              patch_labels(s, grid, patch)) for s in splits.lab_scenes(seed, images)]
+    pixels = pixels or [preprocess(world.render(s), model.cfg.preprocessor) for s in scenes]
+    return [outliers.diagnose(model, px, k, mode, patch_labels(s, grid, patch)) for s, px in zip(scenes, pixels)]
 
 
 def run_seeds(model, tok, seed: int, images: int, captions: int, names, dcfg, decode_seeds: list[int],
@@ -116,7 +116,7 @@ def run(model, tok, seed: int, images: int, captions: int, names=METHODS, dcfg=N
                            for i in range(min(4, captions))]
         result[method] = out
         print(f"{method}: {time.time() - start:.0f} s", file=log, flush=True)
-    result["outliers"] = outliers.summary(vit_outliers(model, seed, images, dcfg.topk, dcfg.outlier_attention))
+    result["outliers"] = outliers.summary(vit_outliers(model, scenes, dcfg.topk, dcfg.outlier_attention, pixels))
     result["settings"] = {"seed": seed, "images": images, "captions": captions, "alpha": dcfg.alpha,
                           "beta": dcfg.beta, "topk": dcfg.topk,
                           "decoding": "greedy" if not temperature else f"temperature {temperature}",

@@ -32,7 +32,7 @@ it learns the lookup (with two probes that give each hop its own signal: text_lo
 tokens, what it reads (kinds, colours, sizes) is what the projector must then produce (align_loss). The
 toy document (docs/toy.md) has the measurements behind each choice. Each stage's batches are built in data.py.
 
-Why one module of ~390 lines: it is the whole recipe (the model's sizes, the losses, the five stages, saving) in
+Why one module of ~450 lines: it is the whole recipe (the model's sizes, the losses, the five stages, saving) in
 the order a reader follows it; the data it trains on is apart in data.py.
 
 Everything is seeded: the same seed and settings give the same weights on the same machine and torch build
