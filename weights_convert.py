@@ -32,8 +32,14 @@ from minidamro.image import LLAVA_PREPROCESSOR
 from minidamro.llama import TextConfig
 from minidamro.checkpoint import read_safetensors
 from minidamro.kernels.int8 import quantize as quantize_int8
-from minidamro.llava import DTYPES, MODEL_TYPES, Llava, LlavaConfig, check_state_dict, read_config
+from minidamro.eva import EvaConfig
+from minidamro.instructblip import InstructBlipConfig
+from minidamro.llava import DTYPES, MODEL_TYPES, LlavaConfig, check_state_dict, model_class, read_config
+from minidamro.qformer import QFormerConfig
+from minidamro.tokenizer import QFORMER_VOCAB
 from minidamro.vision import VisionConfig
+from minidamro.wordpiece import WordPiece
+
 
 # Source prefix -> minidamro prefix, first match wins. Three layouts: the hub's (transformers v4), v5's
 # save_pretrained default (the same without `vision_model.`), v5's in-memory names (`model.*`, `lm_head`).
@@ -70,6 +76,8 @@ ADDED_TOKENS = {
 }
 # CLIPImageProcessor's defaults: llava-hf's settings at CLIP's 224 px.
 CLIP_PROCESSOR = LLAVA_PREPROCESSOR | {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
+# BlipImageProcessor's: resize to 384 x 384 (the hub's InstructBLIP says 224 x 224), no crop; CLIP's mean and std.
+BLIP_PROCESSOR = CLIP_PROCESSOR | {"size": {"height": 384, "width": 384}, "do_center_crop": False}
 
 
 def get(d: dict, key: str, default):  # as transformers: absent or null means the default
@@ -93,39 +101,30 @@ NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 def build_config(hf: dict, path: str) -> LlavaConfig:
     model_type = hf.get("model_type")
+    if model_type == "instructblip":
+        return build_instructblip_config(hf, path)
     if model_type not in MODEL_TYPES:
-        raise MinidamroError(f"{path}: model_type {model_type!r} is not supported (only 'llava', LLaVA-1.5, and "
-                             "'llava_next', LLaVA-NeXT)")
+        raise MinidamroError(f"{path}: model_type {model_type!r} is not supported (only 'llava', LLaVA-1.5, "
+                             "'llava_next', LLaVA-NeXT, and 'instructblip' with a LLaMA / Vicuna decoder)")
     vision_defaults = LLAVA_VISION if hf.get("vision_config") is None else CLIP_VISION
     vc, tc = hf.get("vision_config") or {}, hf.get("text_config") or {}
     vision = {k: get(vc, k, v) for k, v in vision_defaults.items()}
-    text = {k: get(tc, k, v) for k, v in LLAMA.items()}
-    text["num_key_value_heads"] = get(tc, "num_key_value_heads", text["num_attention_heads"])
-    text["head_dim"] = get(tc, "head_dim", text["hidden_size"] // text["num_attention_heads"])
-    rope = get(tc, "rope_parameters", None) or get(tc, "rope_scaling", None) or {}  # v5 / v4
-    text["rope_theta"] = float(get(rope, "rope_theta", get(tc, "rope_theta", 10000.0)))
+    text = text_settings(tc)
     feature_layer = get(hf, "vision_feature_layer", -2)
     strategy = get(hf, "vision_feature_select_strategy", "default")
 
     unsupported = [f"{what} {value!r}" for what, value, allowed in [
         ("vision_config model_type", vc.get("model_type", "clip_vision_model"), ["clip_vision_model"]),
-        ("text_config model_type", tc.get("model_type", "llama"), ["llama"]),
         ("vision hidden_act", vision["hidden_act"], ["quick_gelu", "gelu"]),
-        ("text hidden_act", get(tc, "hidden_act", "silu"), ["silu"]),
         ("projector_hidden_act", get(hf, "projector_hidden_act", "gelu"), ["gelu"]),
         ("multimodal_projector_bias", get(hf, "multimodal_projector_bias", True), [True]),
-        ("attention_bias", get(tc, "attention_bias", False), [False]),
-        ("mlp_bias", get(tc, "mlp_bias", False), [False]),
-        ("rope_type", rope.get("rope_type", rope.get("type", "default")), ["default"]),
         ("vision_feature_select_strategy", strategy, ["default", "full"]),
-    ] if value not in allowed]
+    ] if value not in allowed] + text_unsupported(tc, text)
     # A list of feature layers (concatenated features) is not LLaVA-1.5; nor are non-square patches.
     unsupported += [f"{what} {value!r}" for what, value in [
-        ("vision_feature_layer", feature_layer), ("eos_token_id", text["eos_token_id"]),
-        ("image_size", vision["image_size"]), ("patch_size", vision["patch_size"])] if type(value) is not int]
-    sizes = [(k, v) for part in (vision, text) for k, v in part.items()
-             if k.endswith(("_size", "_layers", "_heads", "num_channels", "head_dim"))]
-    unsupported += [f"{k} {v!r}" for k, v in sizes if type(v) is not int or v < 1]  # widths, counts: positive
+        ("vision_feature_layer", feature_layer), ("image_size", vision["image_size"]),
+        ("patch_size", vision["patch_size"])] if type(value) is not int]
+    unsupported += sizes_unsupported(vision)
     pinpoints = get(hf, "image_grid_pinpoints", NEXT_PINPOINTS) if model_type == "llava_next" else []
     if model_type == "llava_next":
         unsupported += next_unsupported(pinpoints, strategy, vision["image_size"])
@@ -142,6 +141,75 @@ def build_config(hf: dict, path: str) -> LlavaConfig:
     if not 0 <= cfg.image_token_index < cfg.text.vocab_size:
         raise MinidamroError(f"{path}: image_token_index {cfg.image_token_index} is outside the vocabulary")
     return cfg
+
+
+def text_settings(tc: dict) -> dict:
+    """The LLaMA decoder's settings from a text_config, transformers' defaults for what it omits."""
+    text = {k: get(tc, k, v) for k, v in LLAMA.items()}
+    text["num_key_value_heads"] = get(tc, "num_key_value_heads", text["num_attention_heads"])
+    text["head_dim"] = get(tc, "head_dim", text["hidden_size"] // text["num_attention_heads"])
+    rope = get(tc, "rope_parameters", None) or get(tc, "rope_scaling", None) or {}  # v5 / v4
+    text["rope_theta"] = float(get(rope, "rope_theta", get(tc, "rope_theta", 10000.0)))
+    return text
+
+
+def text_unsupported(tc: dict, text: dict) -> list[str]:
+    """What minidamro's LLaMA decoder (llama.py) cannot run: another architecture, biases, other RoPE."""
+    rope = get(tc, "rope_parameters", None) or get(tc, "rope_scaling", None) or {}
+    out = [f"{what} {value!r}" for what, value, allowed in [
+        ("text_config model_type", tc.get("model_type", "llama"), ["llama"]),
+        ("text hidden_act", get(tc, "hidden_act", "silu"), ["silu"]),
+        ("attention_bias", get(tc, "attention_bias", False), [False]),
+        ("mlp_bias", get(tc, "mlp_bias", False), [False]),
+        ("rope_type", rope.get("rope_type", rope.get("type", "default")), ["default"]),
+    ] if value not in allowed]
+    out += [f"eos_token_id {text['eos_token_id']!r}"] if type(text["eos_token_id"]) is not int else []
+    return out + sizes_unsupported(text)
+
+
+def sizes_unsupported(part: dict) -> list[str]:
+    sizes = [(k, v) for k, v in part.items() if k.endswith(("_size", "_layers", "_heads", "num_channels", "head_dim",
+                                                            "_frequency", "_embeddings", "_tokens"))]
+    return [f"{k} {v!r}" for k, v in sizes if type(v) is not int or v < 1]  # widths, counts: positive
+
+
+# InstructBlipVisionConfig's / InstructBlipQFormerConfig's defaults (those of the released EVA ViT-g and Q-Former).
+EVA_VISION = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                  image_size=224, patch_size=14, layer_norm_eps=1e-6)
+QFORMER = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+               intermediate_size=3072, max_position_embeddings=512, layer_norm_eps=1e-12, cross_attention_frequency=2)
+
+
+def build_instructblip_config(hf: dict, path: str) -> InstructBlipConfig:
+    """InstructBLIP with a LLaMA (Vicuna) decoder; the Flan-T5 variants (an encoder-decoder LLM) are refused."""
+    vc, qc, tc = (hf.get(k) or {} for k in ("vision_config", "qformer_config", "text_config"))
+    vision = {k: get(vc, k, v) for k, v in EVA_VISION.items()}
+    qformer = {k: get(qc, k, v) for k, v in QFORMER.items()} | {"encoder_hidden_size": vision["hidden_size"]}
+    text = text_settings(tc)
+    unsupported = [f"{what} {value!r}" for what, value, allowed in [
+        ("vision hidden_act", get(vc, "hidden_act", "gelu"), ["gelu"]),
+        ("vision qkv_bias", get(vc, "qkv_bias", True), [True]),
+        ("qformer hidden_act", get(qc, "hidden_act", "gelu"), ["gelu"]),
+        ("qformer position_embedding_type", get(qc, "position_embedding_type", "absolute"), ["absolute"]),
+    ] if value not in allowed]
+    if tc.get("model_type", "llama") != "llama":
+        raise MinidamroError(f"{path}: InstructBLIP with a {tc.get('model_type')!r} language model is not supported "
+                             "(only LLaMA / Vicuna, e.g. Salesforce/instructblip-vicuna-7b)")
+    unsupported += text_unsupported(tc, text)
+    unsupported += sizes_unsupported(vision) + sizes_unsupported(qformer)
+    unsupported += [f"{what} hidden_size {part['hidden_size']!r} over {part['num_attention_heads']!r} heads"
+                    for what, part in (("vision", vision), ("qformer", qformer))
+                    if not unsupported and part["hidden_size"] % part["num_attention_heads"]]
+    unsupported += [f"num_query_tokens {v!r}" for v in [get(hf, "num_query_tokens", 32)] if type(v) is not int or v < 1]
+    image_token = get(hf, "image_token_index", get(hf, "image_token_id", None))
+    if type(image_token) is not int:
+        unsupported.append(f"image_token_index {image_token!r} (transformers' InstructBLIP needs one)")
+    if unsupported:
+        raise MinidamroError(f"{path}: unsupported " + ", ".join(unsupported))
+    if not 0 <= image_token < text["vocab_size"]:
+        raise MinidamroError(f"{path}: image_token_index {image_token} is outside the vocabulary")
+    return InstructBlipConfig(vision=EvaConfig(**vision), qformer=QFormerConfig(**qformer), text=TextConfig(**text),
+                              num_query_tokens=get(hf, "num_query_tokens", 32), image_token_index=image_token)
 
 
 def next_unsupported(pinpoints, strategy: str, tile) -> list[str]:
@@ -166,10 +234,15 @@ def read_preprocessor(src: str, cfg: LlavaConfig) -> dict:
     elif os.path.exists(os.path.join(src, "processor_config.json")):  # what transformers v5 writes
         path = os.path.join(src, "processor_config.json")
         p = read_json(path).get("image_processor") or {}
+    elif cfg.model_type == "instructblip":
+        s = cfg.vision.image_size
+        print(f"note: {src} has no preprocessor_config.json; using BLIP's image preprocessing at {s} x {s}")
+        p = {"size": {"height": s, "width": s}}
     else:
         print(f"note: {src} has no preprocessor_config.json; using llava-hf's image preprocessing")
         p = LLAVA_PREPROCESSOR
-    out = {k: get(p, k, v) for k, v in CLIP_PROCESSOR.items()}
+    defaults = BLIP_PROCESSOR if cfg.model_type == "instructblip" else CLIP_PROCESSOR
+    out = {k: get(p, k, v) for k, v in defaults.items()}
     if isinstance(out["size"], int):  # old configs: an int size is the short side, an int crop a square
         out["size"] = {"shortest_edge": out["size"]}
     if isinstance(out["crop_size"], int):
@@ -210,6 +283,41 @@ def read_special_tokens(src: str, cfg: LlavaConfig, sp_size: int) -> dict:
     return tokens | {"<image>": cfg.image_token_index}
 
 
+def token_name(value):
+    """A tokenizer file's token: a string, or an AddedToken as a dict with its "content"."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def read_bos(src: str, sp_path: str, special: dict) -> int:
+    """The id InstructBLIP's processor puts before the prompt: the tokenizer's bos_token. The release's is "</s>"
+    (id 2: LAVIS trained it so), while text_config says 1; so it is read from the tokenizer files, as
+    transformers does, and LlamaTokenizer's "<s>" only when they name none."""
+    bos = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(src, name)
+        if bos is None and os.path.exists(path):
+            bos = token_name(read_json(path).get("bos_token"))
+    bos = "<s>" if bos is None else bos
+    if bos in special:
+        return special[bos]
+    i = SentencePieceProcessor(model_file=sp_path).piece_to_id(bos) if isinstance(bos, str) else 0
+    if not isinstance(bos, str) or i == 0 and bos != "<unk>":
+        raise MinidamroError(f"{src}: bos_token {bos!r} is not in the tokenizer")
+    return i
+
+
+def read_qformer_vocab(src: str, cfg) -> str:
+    """The Q-Former's WordPiece vocabulary (qformer_tokenizer/vocab.txt on the hub), checked against the model."""
+    path = next((p for p in (os.path.join(src, "qformer_tokenizer", "vocab.txt"), os.path.join(src, QFORMER_VOCAB))
+                 if os.path.isfile(p)), None)
+    if path is None:
+        raise MinidamroError(f"{src} has no qformer_tokenizer/vocab.txt: InstructBLIP's Q-Former tokenizer is needed")
+    size = max(WordPiece(path).vocab.values()) + 1
+    if size > cfg.qformer.vocab_size:
+        raise MinidamroError(f"{path} has {size} tokens, more than the Q-Former's {cfg.qformer.vocab_size} embeddings")
+    return path
+
+
 def open_weights(src: str, stack: ExitStack) -> dict:
     """Source key -> the memory-mapped safe_open handle holding it."""
     single, index = os.path.join(src, "model.safetensors"), os.path.join(src, "model.safetensors.index.json")
@@ -245,7 +353,9 @@ def open_weights(src: str, stack: ExitStack) -> dict:
 
 def map_keys(handles: dict, cfg: LlavaConfig, tied: bool) -> tuple[dict, int]:
     """minidamro name -> source name, for the weights minidamro builds; and how many were dropped."""
-    built = cfg.feature_hidden_index  # ViT layers past the feature layer and post_layernorm are never run
+    # LLaVA: ViT layers past the feature layer and post_layernorm are never run. (InstructBLIP runs every layer; its
+    # `vision_model.*` keys never match `unused`.)
+    built = cfg.feature_hidden_index if cfg.model_type != "instructblip" else None
     unused = re.compile(r"vision_tower\.(post_layernorm\.|encoder\.layers\.(\d+)\.)")
     names, dropped = {}, 0
     for key in handles:
@@ -286,7 +396,7 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False, q
         tied = bool(hf.get("tie_word_embeddings") or (hf.get("text_config") or {}).get("tie_word_embeddings"))
         cfg.preprocessor = read_preprocessor(src, cfg)
         with torch.device("meta"):
-            Llava(cfg)
+            model_class(cfg)(cfg)
     except (TypeError, AttributeError, ValueError, KeyError, ZeroDivisionError) as e:
         raise MinidamroError(f"{src}: malformed configuration ({type(e).__name__}: {e})") from None
     sp_path = os.path.join(src, "tokenizer.model")
@@ -297,12 +407,16 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False, q
     except (OSError, RuntimeError) as e:
         raise MinidamroError(f"cannot load tokenizer {sp_path}: {e}") from None
     cfg.special_tokens = read_special_tokens(src, cfg, sp_size)
+    qformer_vocab = None
+    if cfg.model_type == "instructblip":
+        cfg.prompt_bos_id = read_bos(src, sp_path, cfg.special_tokens)
+        qformer_vocab = read_qformer_vocab(src, cfg)
 
     with ExitStack() as stack:
         handles = open_weights(src, stack)
         names, dropped = map_keys(handles, cfg, tied)
         with torch.device("meta"):
-            expected = Llava(cfg).state_dict()
+            expected = model_class(cfg)(cfg).state_dict()
         stored = {n: handles[s].get_slice(s) for n, s in names.items()}
         got = {n: torch.empty(sl.get_shape(), device="meta") for n, sl in stored.items()}
         check_state_dict(expected, got, f"the weights in {src} do not match its config.json")
@@ -313,7 +427,8 @@ def convert(src: str, out: str, dtype: str | None = None, force: bool = False, q
             raise MinidamroError(f"{src} mixes weight dtypes {', '.join(sorted(stored_dtypes))}: choose one "
                                  "with --dtype")
         target = DTYPES[dtype] if dtype else SAFETENSORS_DTYPES[stored_dtypes.pop()]
-        write_checkpoint(out, cfg, target, quantize, lambda n: handles[names[n]].get_tensor(names[n]), sp_path, force)
+        write_checkpoint(out, cfg, target, quantize, lambda n: handles[names[n]].get_tensor(names[n]), sp_path, force,
+                         qformer_vocab)
     params = sum(t.numel() for t in expected.values())
     print(f"converted {src} -> {out}: {len(names)} tensors, {params / 1e6:.1f}M parameters in {cfg.torch_dtype}"
           f"{' (decoder linears and lm_head in int8)' if quantize else ''} ({dropped} unused vision weights dropped)")
@@ -328,22 +443,24 @@ def reconvert(src: str, out: str, dtype: str | None, force: bool, quantize: str 
         raise MinidamroError(f"{src} is already quantized ({cfg.text.quantization}): convert from its source")
     mapped = read_safetensors(os.path.join(src, "model.safetensors"))
     with torch.device("meta"):
-        check_state_dict(Llava(cfg).state_dict(), mapped, f"weights in {src} do not match its config")
+        check_state_dict(model_class(cfg)(cfg).state_dict(), mapped, f"weights in {src} do not match its config")
     target = DTYPES[dtype or cfg.torch_dtype]
-    write_checkpoint(out, cfg, target, quantize, mapped.__getitem__, os.path.join(src, "tokenizer.model"), force)
+    vocab = os.path.join(src, QFORMER_VOCAB) if cfg.model_type == "instructblip" else None  # read_config checked it
+    write_checkpoint(out, cfg, target, quantize, mapped.__getitem__, os.path.join(src, "tokenizer.model"), force,
+                     vocab)
     print(f"converted {src} -> {out}: {len(mapped)} tensors in {DTYPE_NAMES[target]}"
           f"{' (decoder linears and lm_head in int8)' if quantize else ''}")
 
 
 def write_checkpoint(out: str, cfg: LlavaConfig, target: torch.dtype, quantize: str | None, read, sp_path: str,
-                     force: bool):
+                     force: bool, qformer_vocab: str | None = None):
     """config.json, model.safetensors (every tensor read(name) in `target`, or with --quantize int8 the decoder's
-    linear weights and lm_head as int8 + float32 scales, kernels/int8.py) and tokenizer.model, into a temporary
-    sibling directory renamed into place when complete."""
+    linear weights and lm_head as int8 + float32 scales, kernels/int8.py), tokenizer.model and, for InstructBLIP,
+    the Q-Former's vocabulary, into a temporary sibling directory renamed into place when complete."""
     cfg.torch_dtype = DTYPE_NAMES[target]
     cfg.text.quantization = quantize or ""
     with torch.device("meta"):
-        expected = Llava(cfg).state_dict()  # in minidamro's order; int8 layers: weight, then weight_scale
+        expected = model_class(cfg)(cfg).state_dict()  # in minidamro's order; int8 layers: weight, then weight_scale
     dtypes = {n: t.dtype if t.dtype == torch.int8 or n.endswith(".weight_scale") else target
               for n, t in expected.items()}
     last = {}
@@ -361,6 +478,8 @@ def write_checkpoint(out: str, cfg: LlavaConfig, target: torch.dtype, quantize: 
         write_safetensors(os.path.join(tmp, "model.safetensors"), {n: t.shape for n, t in expected.items()},
                           dtypes, tensor)
         shutil.copyfile(sp_path, os.path.join(tmp, "tokenizer.model"))
+        if qformer_vocab:
+            shutil.copyfile(qformer_vocab, os.path.join(tmp, QFORMER_VOCAB))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
         replace(tmp, out, force)

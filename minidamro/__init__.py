@@ -1,4 +1,4 @@
-"""minidamro: LLaVA-1.5 and DAMRO (Gong et al., EMNLP 2024) in a few short PyTorch modules."""
+"""minidamro: LLaVA-1.5, LLaVA-NeXT, InstructBLIP and DAMRO (Gong et al., EMNLP 2024) in short PyTorch modules."""
 import warnings
 
 # minidamro never uses numpy and does not require it (requirements.txt), but torch warns that it could not load

@@ -15,12 +15,15 @@ class Capture:
     vit_layers: tuple[int, ...] = ()     # ViT encoder layers (0-based) whose attention probabilities to keep
     vit_qk_layers: tuple[int, ...] = ()  # ViT encoder layers whose q_proj / k_proj outputs to keep
     llm_layers: tuple[int, ...] = ()     # LLM decoder layers (0-based) whose attention probabilities to keep
+    qformer_layers: tuple[int, ...] = ()  # InstructBLIP: Q-Former layers whose cross-attention to keep
 
     vit_attn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H, T, T)
     vit_q: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> (B, T, D), bias included
     vit_k: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> (B, T, D)
     # layer -> one (H, T, S) tensor per stream per forward call, in call order (T new queries, S keys)
     llm_attn: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # layer -> (B, H, queries, image tokens): which image tokens InstructBLIP's 32 queries read
+    qformer_cross_attn: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def causal_mask(start: int, T: int, dtype, device=None):

@@ -38,9 +38,15 @@ class Method:
     name: str
     config: type              # dataclass of the settings; its field defaults are the method's defaults
     check: Callable           # (model, cfg) -> None, raises MinidamroError on a bad setting
-    prepare: Callable         # (model, pixels (tiles, 3, S, S), cfg, generator, image_size=None) -> Prepared
+    prepare: Callable         # (model, pixels (tiles, 3, S, S), cfg, generator, image_size=None, instruction=None)
+    #                           -> Prepared; instruction: InstructBLIP's Q-Former ids (its features read the prompt)
     rule: Callable | None     # (cfg, logits: rows of (V,) float32, one per stream) -> scores (V,); None: one stream
     random: bool = False      # prepare draws from the generator (VCD's noise): it differs from seed to seed
+    defaults: Callable | None = None  # (model_type) -> {setting: value} where a model's default is not the config's
+
+    def default_config(self, model_type: str):
+        """The method's settings with every default, those the model type has of its own included."""
+        return self.config(**(self.defaults(model_type) if self.defaults else {}))
 
 
 @dataclass
@@ -48,16 +54,17 @@ class PlainConfig:
     """Plain decoding has no settings of its own (temperature and top-p belong to the sampler)."""
 
 
-def image_features(model: Llava, pixels, image_size=None) -> torch.Tensor:
+def image_features(model: Llava, pixels, image_size=None, instruction=None) -> torch.Tensor:
     """pixels (1, 3, S, S) -> the projected image features (num_image_tokens, D) on the model's device.
     LLaVA-NeXT: pixels are [base] + tiles (1 + n, 3, S, S) of an image of (height, width) `image_size`,
-    and the features are packed (anyres.py)."""
-    return model.image_features(pixels.to(model.lm_head.weight.device), image_size)
+    and the features are packed (anyres.py). InstructBLIP: the Q-Former reads the image under `instruction`, the
+    prompt's Q-Former ids (T,), and the features are its 32 projected query outputs."""
+    return model.image_features(pixels.to(model.lm_head.weight.device), image_size, instruction=instruction)
 
 
 PLAIN = Method("plain", PlainConfig, check=lambda model, cfg: None,
-               prepare=lambda model, pixels, cfg, generator=None, image_size=None:
-               Prepared([image_features(model, pixels, image_size)]),
+               prepare=lambda model, pixels, cfg, generator=None, image_size=None, instruction=None:
+               Prepared([image_features(model, pixels, image_size, instruction)]),
                rule=None)
 
 
@@ -120,16 +127,17 @@ def decode(model: Llava, logits, caches: list[KVCache], rule: Callable | None, s
 
 @torch.inference_mode()
 def generate(model: Llava, ids, pixels, method: Method, cfg, sampler: Sampler, max_new_tokens: int,
-             batched: bool = True, image_size=None) -> tuple[dict, Iterator[int]]:
+             batched: bool = True, image_size=None, instruction=None) -> tuple[dict, Iterator[int]]:
     """Decode with `method` under settings `cfg` (None: the method's defaults). ids: (L,) prompt ids with the
     image ids expanded; pixels (1, 3, S, S), or LLaVA-NeXT's tiles of an image of (height, width) `image_size`.
-    Returns (what the method chose, iterator over the token ids).
+    InstructBLIP: `instruction` is the prompt's Q-Former ids (T,). Returns (what the method chose, iterator over
+    the token ids).
 
     The method's prepare runs here, before the first token: VCD draws its noise from sampler.generator
     first, then every token's draw follows from the same generator."""
-    cfg = method.config() if cfg is None else cfg
+    cfg = method.default_config(model.cfg.model_type) if cfg is None else cfg
     method.check(model, cfg)
-    prepared = method.prepare(model, pixels, cfg, sampler.generator, image_size=image_size)
+    prepared = method.prepare(model, pixels, cfg, sampler.generator, image_size=image_size, instruction=instruction)
     caches = new_caches(model, ids, prepared, max_new_tokens)
     logits = prefill_streams(model, ids, prepared, caches)
     rule = None if method.rule is None else (lambda rows: method.rule(cfg, rows))

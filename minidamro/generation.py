@@ -59,10 +59,10 @@ def decode_step(model: Llava, tokens, caches: list[KVCache], capture: Capture | 
     return model.logits(h[:, -1])
 
 
-def generate(model: Llava, ids, pixels, sampler: Sampler, max_new_tokens: int, image_size=None):
+def generate(model: Llava, ids, pixels, sampler: Sampler, max_new_tokens: int, image_size=None, instruction=None):
     """Plain decoding. ids: (L,) prompt ids with the image ids expanded; pixels (1, 3, S, S), or LLaVA-NeXT's
     [base] + tiles (1 + n, 3, S, S) of an image of (height, width) `image_size`. Returns an iterator over the
     generated ids: the contrastive core (contrastive.py) with one stream and no rule."""
     from . import contrastive  # the core builds on the steps above, so it is imported when used
     return contrastive.generate(model, ids, pixels, contrastive.PLAIN, None, sampler, max_new_tokens,
-                                image_size=image_size)[1]
+                                image_size=image_size, instruction=instruction)[1]

@@ -5,6 +5,8 @@ and one learned `image_newline` vector.
 
 A converted checkpoint directory (see weights_convert.py) holds `config.json` (minidamro's own,
 flattened from the Hugging Face one), `model.safetensors` in minidamro's key names, `tokenizer.model`.
+Reading and strictly loading one (read_config, load_model) serves InstructBLIP's too (instructblip.py, which
+also has the Q-Former's `qformer_vocab.txt`).
 """
 import json
 import os
@@ -19,6 +21,7 @@ from .checkpoint import read_into, read_safetensors
 from .kernels import attention, choices, cpu, int8, linear
 from .capture import Capture
 from .llama import LlamaModel, TextConfig, linear_layer
+from .tokenizer import QFORMER_VOCAB
 from .vision import CLIPVisionTower, VisionConfig, hidden_state_index
 
 FORMAT_VERSION = 1
@@ -96,10 +99,10 @@ class Llava(nn.Module):
             h = h[:, 1:]
         return self.multi_modal_projector(h)
 
-    def image_features(self, pixels, image_size=None, capture: Capture | None = None):
+    def image_features(self, pixels, image_size=None, capture: Capture | None = None, instruction=None):
         """pixels -> the (n, D_text) embeddings that replace the prompt's n image ids. LLaVA-1.5: the one
         tile's features. NeXT: pixels are [base] + tiles (anyres.preprocess), packed for an image of
-        (height, width) `image_size`."""
+        (height, width) `image_size`. instruction: unused (InstructBLIP's image features read the prompt)."""
         return self.pack_features(self.encode_image(pixels, capture), image_size)
 
     def pack_features(self, tiles, image_size=None):
@@ -124,6 +127,27 @@ class Llava(nn.Module):
         """Final hidden states -> next-token logits in float32 (the DAMRO rule and sampling run in float32)."""
         return self.lm_head(h).float()
 
+    def image_rows(self, name: str) -> int | None:
+        """Rows a linear layer sees per image (pack_linears); None for the decoder's, which serve decode steps."""
+        if name.startswith(("vision_tower.", "multi_modal_projector.")):
+            return self.cfg.vision.num_patches + 1  # the ViT's rows per image (the projector's: that or one fewer)
+        return None
+
+
+def config_class(model_type):
+    """LLaVA's config, or InstructBLIP's (instructblip.py builds on this module, so it is imported when asked)."""
+    if model_type == "instructblip":
+        from .instructblip import InstructBlipConfig
+        return InstructBlipConfig
+    return LlavaConfig
+
+
+def model_class(cfg):
+    if cfg.model_type == "instructblip":
+        from .instructblip import InstructBlip
+        return InstructBlip
+    return Llava
+
 
 def read_config(model_dir: str) -> LlavaConfig:
     path = os.path.join(model_dir, "config.json")
@@ -137,7 +161,7 @@ def read_config(model_dir: str) -> LlavaConfig:
     if not isinstance(d, dict) or d.get("minidamro_format") != FORMAT_VERSION:
         raise MinidamroError(f"{model_dir} is not a minidamro checkpoint (convert it with weights_convert.py)")
     try:
-        cfg = LlavaConfig.from_dict(d)
+        cfg = config_class(d.get("model_type")).from_dict(d)
     except (KeyError, TypeError) as e:
         raise MinidamroError(f"{path} is incomplete: {e}") from None
     if cfg.torch_dtype not in DTYPES or not isinstance(cfg.preprocessor, dict) or "image_mean" not in cfg.preprocessor:
@@ -145,6 +169,11 @@ def read_config(model_dir: str) -> LlavaConfig:
     if cfg.text.quantization not in QUANTIZATIONS:
         raise MinidamroError(f"{path}: quantization {cfg.text.quantization!r} is not one of "
                              f"{', '.join(map(repr, QUANTIZATIONS))} (a newer minidamro wrote it?)")
+    if cfg.model_type == "instructblip":
+        if not os.path.isfile(os.path.join(model_dir, QFORMER_VOCAB)):
+            raise MinidamroError(f"{model_dir} has no {QFORMER_VOCAB}, InstructBLIP's Q-Former vocabulary: convert the "
+                                 "model again with weights_convert.py")
+        return cfg
     if cfg.model_type not in MODEL_TYPES or (cfg.model_type == "llava_next") != bool(cfg.image_grid_pinpoints):
         raise MinidamroError(f"{path} is malformed: model_type {cfg.model_type!r} or its image_grid_pinpoints "
                              "(convert the model again)")
@@ -182,7 +211,7 @@ def load_model(model_dir: str, device="cpu", dtype: str | None = None) -> Llava:
     cfg = read_config(model_dir)
     dtype = DTYPES[dtype or cfg.torch_dtype]
     with torch.device("meta"):
-        model = Llava(cfg)
+        model = model_class(cfg)(cfg)
     path = os.path.join(model_dir, "model.safetensors")
     mapped = read_safetensors(path)
     expected = model.state_dict()
@@ -205,8 +234,7 @@ def pack_linears(model: Llava, path: str, mapped: set):
     a whole image's tokens, the only input they see. The copy is packed from the file's bytes read into a
     temporary buffer (page cache, not this process's memory), so the mapped original is never touched and costs
     no memory."""
-    tokens = model.cfg.vision.num_patches + 1  # the ViT's rows per image (the projector's: one fewer)
-    layers = [(name, m, tokens if name.startswith(("vision_tower.", "multi_modal_projector.")) else None)
+    layers = [(name, m, model.image_rows(name))
               for name, m in model.named_modules() if isinstance(m, linear.Linear) and name + ".weight" in mapped]
     # Decide for every shape first, then read: the timings should not share two cores with reading a 14 GB
     # checkpoint and the page-cache reclaim it sets off (timed between reads, one 7B process left its 4096 x 4096

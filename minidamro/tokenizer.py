@@ -5,20 +5,26 @@ transformers splits the text at special tokens (`<image>`, `<s>`, ...) and gives
 space: after a special token no "▁" is inserted. Plain sentencepiece always prepends one
 (`add_dummy_prefix`), so we keep a second processor with that switch off for the other pieces.
 """
+import os
 import re
 
+import torch
 from sentencepiece import SentencePieceProcessor
 
 from . import MinidamroError
+from .wordpiece import WordPiece
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # llava-hf's chat template for one image and one turn
 # The template follows the checkpoint: llava-hf's llava-v1.6-vicuna-7b-hf renders one turn exactly as
 # LLaVA-1.5 does. (The v1.6 mistral variant's "[INST] <image>\n{prompt} [/INST]" and its other vocabulary
 # are not supported: the converter accepts only a LLaMA decoder with a sentencepiece tokenizer.model.)
-TEMPLATES = {"llava": TEMPLATE, "llava_next": TEMPLATE}
+# InstructBLIP takes the raw prompt, no chat template (transformers' processor and the DAMRO scripts alike).
+TEMPLATES = {"llava": TEMPLATE, "llava_next": TEMPLATE, "instructblip": "{prompt}"}
 # The llava_v1 system text that the DAMRO scripts prepend (pass it with --system to reproduce them).
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+QFORMER_VOCAB = "qformer_vocab.txt"  # InstructBLIP's Q-Former WordPiece vocabulary in a converted checkpoint
 
 # A ModelProto that sets normalizer_spec (field 3) { add_dummy_prefix (field 3) = false }. Protobuf merges
 # a message field that occurs twice, so appending these 4 bytes to a model switches the prefix off.
@@ -31,6 +37,8 @@ def build_prompt(prompt: str, system: str | None = None, model_type: str = "llav
 
 
 class Tokenizer:
+    qformer: WordPiece | None = None  # InstructBLIP: the Q-Former's instruction tokenizer (load_tokenizer)
+
     def __init__(self, model_file: str, special_tokens: dict[str, int] | None = None):
         try:
             with open(model_file, "rb") as f:
@@ -96,3 +104,33 @@ def prompt_ids(tok: Tokenizer, text: str, image_token: int, num_image_tokens: in
     """Token ids of `text` with each `<image>` expanded to one id per image feature."""
     ids = tok.encode(text)
     return [t for i in ids for t in ([i] * num_image_tokens if i == image_token else [i])]
+
+
+def load_tokenizer(model_dir: str, cfg) -> Tokenizer:
+    """The converted checkpoint's tokenizer; for InstructBLIP with its Q-Former WordPiece as `.qformer`."""
+    tok = Tokenizer(os.path.join(model_dir, "tokenizer.model"), cfg.special_tokens)
+    if cfg.model_type == "instructblip":
+        tok.qformer = WordPiece(os.path.join(model_dir, QFORMER_VOCAB))
+    return tok
+
+
+def model_prompt_ids(tok: Tokenizer, cfg, prompt: str, system: str | None = None, image_size=None) -> list[int]:
+    """The LLM's ids for a user prompt, as the model's processor builds them, image ids expanded. LLaVA: the chat
+    template with `<image>` expanded (to a count that depends on the image's (height, width) on NeXT).
+    InstructBLIP: the 32 query slots first, then its BOS ("</s>", id 2, in the release), then the raw text."""
+    text = build_prompt(prompt, system, cfg.model_type)
+    if cfg.model_type == "instructblip":
+        return [cfg.image_token_index] * cfg.num_query_tokens + [cfg.prompt_bos_id] + tok.encode(text, bos=False)
+    return prompt_ids(tok, text, cfg.image_token_index, cfg.image_tokens(image_size))
+
+
+def instruction_ids(tok: Tokenizer, cfg, prompt: str, system: str | None = None) -> torch.Tensor | None:
+    """InstructBLIP's Q-Former ids for a user prompt: [CLS] + WordPiece of the same text the LLM gets + [SEP]
+    (transformers' processor gives both tokenizers the one text). None for LLaVA, whose image ignores the prompt."""
+    if cfg.model_type != "instructblip":
+        return None
+    ids = tok.qformer.encode(build_prompt(prompt, system, cfg.model_type))
+    if len(ids) > cfg.qformer.max_position_embeddings:
+        raise MinidamroError(f"the prompt takes {len(ids)} Q-Former tokens; its position embeddings hold "
+                             f"{cfg.qformer.max_position_embeddings}")
+    return torch.tensor(ids)

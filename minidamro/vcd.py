@@ -66,13 +66,14 @@ def check(model: Llava, cfg: VcdConfig):
 
 @torch.inference_mode()
 def prepare(model: Llava, pixels, cfg: VcdConfig, generator: torch.Generator | None = None,
-            image_size=None) -> Prepared:
+            image_size=None, instruction=None) -> Prepared:
     """Two vision-tower passes: the image's features (stream 0) and the noised image's (stream 1).
     The noise is drawn first thing, so under the sampling contract it comes before every token's draw.
     LLaVA-NeXT (minidamro's choice, no released VCD-on-NeXT to follow): every tile, base included, is noised
     by the one draw of the pixels' shape (1 + n, 3, S, S), and both streams are packed alike."""
     noised = noised_pixels(pixels, cfg.noise_step, generator)
-    return Prepared([image_features(model, pixels, image_size), image_features(model, noised, image_size)],
+    return Prepared([image_features(model, pixels, image_size, instruction),
+                     image_features(model, noised, image_size, instruction)],
                     {"noise_step": cfg.noise_step})
 
 

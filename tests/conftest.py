@@ -72,3 +72,24 @@ def fresh_choices(tmp_path, monkeypatch):
     choices.forget()
     yield tmp_path / "choices.json"
     choices.forget()
+
+
+@pytest.fixture(scope="session")
+def blip_hf_checkpoints(tmp_path_factory, tokenizer_model):
+    """name -> directory of a tiny random InstructBLIP checkpoint in the hub layout (tests/tiny_blip.py)."""
+    import tiny_blip
+    root = tmp_path_factory.mktemp("hf_blip")
+    return {name: tiny_blip.build_hf_checkpoint(name, str(root / name), tokenizer_model, seed=20 + i)
+            for i, name in enumerate(tiny_blip.CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def blip_checkpoints(tmp_path_factory, blip_hf_checkpoints):
+    """name -> the same InstructBLIP checkpoint converted by weights_convert.py (float32)."""
+    import weights_convert
+    root = tmp_path_factory.mktemp("converted_blip")
+    out = {}
+    for name, src in blip_hf_checkpoints.items():
+        out[name] = str(root / name)
+        weights_convert.convert(src, out[name])
+    return out
