@@ -1,4 +1,4 @@
-"""python -m minidamro.analyze IMAGE: where the ViT and the LLM look while LLaVA answers (DAMRO paper, §3).
+"""python -m minidamro.analyze IMAGE: where the ViT and the LLM look while the model answers (DAMRO paper, §3).
 
     python -m minidamro.analyze photo.jpg --model checkpoints/llava-1.5-7b --out analysis/
     python -m minidamro.analyze photo.jpg --method damro --alpha 2 --topk 10 --out analysis-damro/
@@ -22,6 +22,11 @@ LLaVA-NeXT: the [CLS] map, the outliers, H_i, F and the figures are the base til
 squashed to one tile, the first num_patches image tokens; the tile DAMRO's contrastive stream uses), drawn
 over the base tile's pixels; analysis.json also has each grid tile's outliers (`tile_outliers`, which DAMRO
 computes and does not use) and each token's decoder attention over all image tokens.
+
+InstructBLIP: the LLM sees 32 query outputs, not patches. A token's decoder attention over the 32 query slots is
+carried to the ViT's tokens through the Q-Former's cross-attention (mean over its cross-attention layers and
+heads): attention(patch) = sum over queries of attention(query) x cross-attention(query -> patch), minidamro's
+choice; H_i, F and the maps are measured on that.
 """
 import json
 import os
@@ -39,7 +44,7 @@ from .generate import Parser, add_arguments, check_options, encode_prompt, guard
 from .anyres import model_pixels
 from .image import load_image
 from .llava import Llava, load_model
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, instruction_ids, load_tokenizer
 
 H_MAX = 10   # H_i for i = 1..10, as the paper reports
 F_TOP = 3    # F: the decoder's image attention share on the ViT's top-3 patches
@@ -143,14 +148,22 @@ def to_rgb_image(pixels, preprocessor: dict) -> Image.Image:
 
 
 @torch.inference_mode()
-def vit_attention(model: Llava, pixels, mode: str, image_size=None):
+def vit_attention(model: Llava, pixels, mode: str, image_size=None, instruction=None):
     """[CLS] attention over all 1 + N ViT tokens at the selection layer (damro.cls_attention), per tile (one
-    for LLaVA-1.5; base first for NeXT), and the prompt's image embeddings."""
+    for LLaVA-1.5; base first for NeXT), the prompt's image embeddings, and for InstructBLIP which image tokens
+    its queries read: the Q-Former's cross-attention, mean over its cross-attention layers and heads, (Q, 1 + N)
+    (None for LLaVA, whose image embeddings are the patches themselves)."""
     layer = damro.selection_layer(model)
     want = Capture(vit_qk_layers=(layer,)) if mode == "full" else Capture(vit_layers=(layer,))
     tiles = model.encode_image(pixels, want)
     rows = [damro.cls_attention(want, layer, mode, t) for t in range(tiles.shape[0])]
-    return layer, rows, model.pack_features(tiles, image_size)
+    if model.cfg.model_type != "instructblip":
+        return layer, rows, model.pack_features(tiles, image_size), None
+    q = model.cfg.qformer
+    want.qformer_layers = tuple(range(0, q.num_hidden_layers, q.cross_attention_frequency))
+    features = model.query_features(tiles, instruction, want)[0]
+    reads = torch.stack([want.qformer_cross_attn[i][0] for i in want.qformer_layers]).float().mean((0, 1))
+    return layer, rows, features, reads
 
 
 @torch.inference_mode()
@@ -185,7 +198,7 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
 
     dcfg sets the ViT figure (its topk and outlier_attention) and, for method "damro", the decoding too;
     cfg is the settings of another method (e.g. a vcd.VcdConfig; None: its defaults)."""
-    dcfg = dcfg or damro.DamroConfig()
+    dcfg = dcfg or damro.METHOD.default_config(model.cfg.model_type)
     m = methods.get(method)
     cfg = dcfg if method == "damro" else (cfg if cfg is not None else m.config())
     dcfg.check(model.cfg.vision.num_patches)
@@ -196,17 +209,25 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
     pixels, image_size = model_pixels(image, model.cfg, pad_to_square=pad_square)
     pixels = pixels.to(device)
     ids, max_new = encode_prompt(model, tok, prompt, system, max_new_tokens, image_size)
+    instruction = instruction_ids(tok, model.cfg, prompt, system)  # InstructBLIP's Q-Former reads the prompt
 
     # The tokens come from the core itself, untouched by any capture (a captured layer takes the eager
     # path, which can differ from SDPA in the last bit), so they are exactly what generate gives.
     sampler = generation.Sampler(temperature, top_p, seed, device)
-    tokens = list(contrastive.generate(model, ids, pixels, m, cfg, sampler, max_new, image_size=image_size)[1])
+    tokens = list(contrastive.generate(model, ids, pixels, m, cfg, sampler, max_new, image_size=image_size,
+                                       instruction=instruction)[1])
 
-    layer, cls_rows, features = vit_attention(model, pixels, dcfg.outlier_attention, image_size)
+    layer, cls_rows, features, reads = vit_attention(model, pixels, dcfg.outlier_attention, image_size, instruction)
     cls_row = cls_rows[0]                                         # the (base) tile's
-    offset = int(model.cfg.vision_feature_select_strategy == "full")  # [CLS] kept: patch j is image token j + 1
     vit = cls_row[1:].cpu()                                       # patches only (Eq. 3 keeps A_cls[1:])
     dec = decoder_attention(model, ids, features, tokens)         # (n, image tokens of the prompt)
+    if reads is None:
+        offset = int(model.cfg.vision_feature_select_strategy == "full")  # [CLS] kept: patch j is image token j + 1
+    else:
+        # InstructBLIP's decoder reads 32 queries, not patches. minidamro's choice (docs/instructblip.md): a token's
+        # attention to the queries is carried to the image tokens through the queries' cross-attention,
+        # (n, Q) @ (Q, 1 + N), so H and F are measured on patches as for LLaVA. [CLS] is column 0.
+        dec, offset = dec @ reads.cpu(), 1
     n_h = min(H_MAX, len(vit))
     records = []
     for t, row in zip(tokens, dec):
@@ -214,7 +235,7 @@ def analyze(model: Llava, tok: Tokenizer, image: Image.Image, prompt: str, metho
         records.append(Token(t, piece_of(tok, t), row.tolist(), [overlap(vit, patches, i) for i in range(1, n_h + 1)],
                              outlier_share(vit, patches)))
     settings = {"method": method, "alpha": dcfg.alpha, "beta": dcfg.beta, "topk": dcfg.topk,
-                "outlier_attention": dcfg.outlier_attention} | asdict(cfg) | {
+                "outlier_attention": dcfg.outlier_attention} | methods.settings(cfg) | {
                 "temperature": temperature, "top_p": top_p,
                 "seed": seed, "max_new_tokens": max_new, "system": system, "pad_square": pad_square,
                 "dtype": str(model.language_model.embed_tokens.weight.dtype).removeprefix("torch.")}
@@ -282,7 +303,7 @@ def run(a):
         raise MinidamroError(f"cannot write to {a.out}: it is a file, not a directory")
     image = load_image(a.image)
     model = load_model(a.model, a.device, a.dtype)
-    tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
+    tok = load_tokenizer(a.model, model.cfg)
     seed = a.seed if a.seed is not None else random.randrange(2**63)
     result = analyze(model, tok, image, a.prompt, a.method, method_config(a, "damro"),
                      temperature=a.temperature, top_p=a.top_p, seed=seed, max_new_tokens=a.max_new_tokens,

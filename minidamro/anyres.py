@@ -81,8 +81,10 @@ def preprocess(image: Image.Image, cfg: dict, pinpoints) -> tuple[torch.Tensor, 
 
 
 def model_pixels(image: Image.Image, cfg, pad_to_square: bool = False) -> tuple[torch.Tensor, Size | None]:
-    """Pixels for either model: LLaVA-1.5's one tile (1, 3, S, S) and no size, or NeXT's tiles and the size.
-    `cfg` is the model's LlavaConfig."""
+    """Pixels for any model: LLaVA-1.5's one tile (1, 3, S, S) and no size, or NeXT's tiles and the size;
+    InstructBLIP's image is LLaVA-1.5's kind (BLIP's settings: resized to S x S, no crop). `cfg`: the model's."""
+    if pad_to_square and cfg.model_type == "instructblip":
+        raise MinidamroError("--pad-square is LLaVA-1.5's; InstructBLIP squashes the image to its square size")
     if cfg.model_type == "llava_next":
         if pad_to_square:
             raise MinidamroError("--pad-square is LLaVA-1.5's; LLaVA-NeXT keeps the aspect ratio itself (anyres)")

@@ -1,10 +1,12 @@
-"""python -m minidamro.generate IMAGE: answer about an image with LLaVA-1.5 or -NeXT, plainly, with DAMRO or VCD.
+"""python -m minidamro.generate IMAGE: answer about an image with LLaVA-1.5, -NeXT or InstructBLIP, plainly, with
+DAMRO or VCD.
 
     python -m minidamro.generate photo.jpg --model checkpoints/llava-1.5-7b --prompt "What is in this image?"
     python -m minidamro.generate photo.jpg --method damro --alpha 2 --beta 0.1 --topk 10
     python -m minidamro.generate photo.jpg --method vcd --noise-step 500
     python -m minidamro.generate photo.jpg --compare          # plain, DAMRO and VCD, same seed
     python -m minidamro.generate photo.jpg --compare plain,vcd
+    python -m minidamro.generate photo.jpg --model checkpoints/instructblip-vicuna-7b --method damro --topk 4
 
 Text is streamed as it is generated. Any problem with the input is one `error:` line on stderr and a
 non-zero exit (2 for a malformed command line, 1 otherwise).
@@ -15,15 +17,14 @@ import math
 import os
 import random
 import sys
-from dataclasses import asdict
 
 import torch
 
 from . import MinidamroError, contrastive, damro, generation, methods, vcd
 from .anyres import model_pixels
 from .image import load_image
-from .llava import DTYPES, load_model
-from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, build_prompt, prompt_ids
+from .llava import DTYPES, load_model, read_config
+from .tokenizer import LLAVA_V1_SYSTEM, Tokenizer, instruction_ids, load_tokenizer, model_prompt_ids
 
 NO_MODEL = ("no model: pass --model DIR or set MINIDAMRO_MODEL. To make one, download llava-hf/llava-1.5-7b-hf "
             "(e.g. `hf download llava-hf/llava-1.5-7b-hf --local-dir llava-1.5-7b-hf`) and run "
@@ -44,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser, prompt: str | None, max_new_tokens
     if prompt is not None:
         p.add_argument("--prompt", default=prompt)
     p.add_argument("--system", default=None,
-                   help="text put before 'USER:'; 'llava_v1' is the llava_v1 system text the DAMRO scripts use")
+                   help="text put before 'USER:' (InstructBLIP: before the raw prompt); 'llava_v1' is the llava_v1 "
+                        "system text the DAMRO scripts use")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -60,16 +62,22 @@ def add_arguments(p: argparse.ArgumentParser, prompt: str | None, max_new_tokens
     p.add_argument("--beta", type=float, default=None,
                    help=f"plausibility cutoff (Eq. 6); default: the method's own (DAMRO {d.beta:g}, VCD {v.beta:g})")
     p.add_argument("--topk", type=int, default=d.topk, help="DAMRO outlier tokens")
-    p.add_argument("--outlier-attention", choices=damro.OUTLIER_ATTENTION, default=d.outlier_attention,
-                   help="full: the released code's full-width [CLS] q.k (default); heads: mean of per-head attention")
+    p.add_argument("--outlier-attention", choices=damro.OUTLIER_ATTENTION, default=None,
+                   help="full: the released code's full-width [CLS] q.k (LLaVA's default); heads: mean of per-head "
+                        "attention (InstructBLIP's default, as its release)")
+    p.add_argument("--gather", choices=damro.GATHER, default=None,
+                   help="InstructBLIP: the ViT rows DAMRO's second stream reads: release (default: row j for patch "
+                        "j, the release's off-by-one) or patches (the patches themselves)")
     p.add_argument("--noise-step", type=int, default=v.noise_step,
                    help=f"VCD diffusion step of the noised image, 0..{vcd.NUM_STEPS - 1} (default {v.noise_step})")
 
 
-def method_config(a, name: str):
-    """The named method's config from the command line: the options it has, its own defaults for the rest."""
-    return methods.make_config(methods.get(name), alpha=a.alpha, beta=a.beta, topk=a.topk,
-                               outlier_attention=a.outlier_attention, noise_step=a.noise_step)
+def method_config(a, name: str, model_type: str | None = None):
+    """The named method's config from the command line: the options it has, its own defaults for the rest (those of
+    the model type of --model, read from its config.json when not given)."""
+    model_type = model_type or read_config(a.model).model_type
+    return methods.make_config(methods.get(name), model_type, alpha=a.alpha, beta=a.beta, topk=a.topk,
+                               outlier_attention=a.outlier_attention, gather=a.gather, noise_step=a.noise_step)
 
 
 def compare_list(text: str) -> list[str]:
@@ -138,8 +146,7 @@ def encode_prompt(model, tok: Tokenizer, prompt: str, system: str | None, max_ne
     at most max_new_tokens, and no more than the context has room for (a prompt it cannot hold is an error).
     `image_size` (height, width) is the image's: LLaVA-NeXT's image-token count depends on it."""
     cfg = model.cfg
-    ids = prompt_ids(tok, build_prompt(prompt, system, cfg.model_type), cfg.image_token_index,
-                     cfg.image_tokens(image_size))
+    ids = model_prompt_ids(tok, cfg, prompt, system, image_size)
     room = cfg.text.max_position_embeddings - len(ids)
     if room < 1:
         raise MinidamroError(f"the prompt takes {len(ids)} tokens; the model's context holds "
@@ -170,12 +177,13 @@ def run(a, out=None) -> dict:
     image = load_image(a.image)  # before the model: a bad path should not wait for gigabytes to load
     model = load_model(a.model, a.device, a.dtype)
     cfg = model.cfg
-    tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
+    tok = load_tokenizer(a.model, cfg)
     pixels, image_size = model_pixels(image, cfg, pad_to_square=a.pad_square)  # NeXT: tiles and the size
     system = system_text(a)
     ids, max_new = encode_prompt(model, tok, a.prompt, system, a.max_new_tokens, image_size)
+    instruction = instruction_ids(tok, cfg, a.prompt, system)  # InstructBLIP's Q-Former reads the prompt too
     names = a.compare or [a.method]
-    configs = {name: method_config(a, name) for name in names}
+    configs = {name: method_config(a, name, cfg.model_type) for name in names}
     for name, mcfg in configs.items():  # every setting is checked before any answer starts
         methods.get(name).check(model, mcfg)
     seed = a.seed if a.seed is not None else random.randrange(2**63)
@@ -184,8 +192,9 @@ def run(a, out=None) -> dict:
     for name, mcfg in configs.items():
         sampler = generation.Sampler(a.temperature, a.top_p, seed, a.device)
         info, tokens = contrastive.generate(model, ids, pixels, methods.get(name), mcfg, sampler, max_new,
-                                            batched=not a.two_forwards, image_size=image_size)
-        result = {"method": name} | asdict(mcfg) | info
+                                            batched=not a.two_forwards, image_size=image_size,
+                                            instruction=instruction)
+        result = {"method": name} | methods.settings(mcfg) | info
         if a.compare:
             shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ({} if name == "plain" else
                               {"alpha": mcfg.alpha, "beta": mcfg.beta} | info).items())

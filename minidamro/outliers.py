@@ -40,7 +40,7 @@ def diagnose(model, pixels, k: int, mode: str = "full", labels=None) -> dict:
     layer = damro.selection_layer(model)
     want = Capture(vit_qk_layers=(layer,)) if mode == "full" else Capture(vit_layers=(layer,))
     states = []
-    model.vision_tower(pixels[:1].to(model.vision_tower.embeddings.patch_embedding.weight.dtype), want, states)
+    model.encode_image(pixels[:1].to(model.lm_head.weight.device), want, states)  # any model's vision tower
     norms = [s[0, 1:].float().norm(dim=-1) for s in states]           # per hidden state: (N,) patch norms
     medians = [n.median() for n in norms]
     row = damro.cls_attention(want, layer, mode)                      # (1 + N,) float32

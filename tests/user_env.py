@@ -7,7 +7,8 @@ gives, and nothing else (no transformers, no numpy, no nltk, no pytest).
 `check` uses the standard library only. It runs, as subprocesses of the interpreter that runs it: `generate` on
 the shipped toy model; the converter on the tiny llava-hf checkpoint to float32, float16 and bfloat16;
 `generate` plain, DAMRO and VCD on each converted model, DAMRO again on each simulated CPU profile
-(minidamro/kernels/cpu.py), the converter's int8 output with DAMRO, and `analyze`; a toy training run that saves
+(minidamro/kernels/cpu.py), the converter's int8 output with DAMRO, and `analyze`; a tiny InstructBLIP converted
+and run with every method and `analyze`, and its full-shape benchmark's path at the quick size; a toy training run that saves
 a checkpoint; the benchmarks on toy scenes (`toy render --benchmarks`, `eval pope --seeds`, `eval score` of two
 runs, `eval mme`) and `toy outliers`; and the
 commands that need an optional package (the benchmark's transformers comparison, CHAIR's nltk), which must
@@ -32,7 +33,9 @@ def build(out: str):
     os.makedirs(out, exist_ok=True)
     tok = tiny.train_tokenizer(os.path.join(out, "tok"))
     tiny.build_hf_checkpoint("gqa", os.path.join(out, "hf-gqa"), tok, seed=1)
-    print(f"built {out}/hf-gqa")
+    import tiny_blip
+    tiny_blip.build_hf_checkpoint("blip_gqa", os.path.join(out, "hf-blip"), tok, seed=2)
+    print(f"built {out}/hf-gqa, {out}/hf-blip")
 
 
 failures = []
@@ -88,6 +91,15 @@ def check(built: str):
         env={"MINIDAMRO_CPU_PROFILE": "no-int8pack"})
     run(["-m", "minidamro.analyze", IMAGE, "--model", os.path.join(work, "bfloat16"), "--max-new-tokens", "4",
          "--out", os.path.join(work, "analysis")])
+    # InstructBLIP: both tokenizers (the Q-Former's WordPiece is minidamro's own), every method, the analysis, and
+    # the streamed full-shape benchmark's path at its quick size (no transformers: its comparison is skipped).
+    blip = os.path.join(work, "blip")
+    run(["weights_convert.py", os.path.join(built, "hf-blip"), blip, "--dtype", "bfloat16"])
+    run(["-m", "minidamro.generate", IMAGE, "--model", blip, "--compare", "--topk", "4", "--max-new-tokens", "6"])
+    run(["-m", "minidamro.analyze", IMAGE, "--model", blip, "--method", "damro", "--topk", "4", "--max-new-tokens",
+         "4", "--out", os.path.join(work, "analysis-blip")])
+    run(["-m", "minidamro.bench.instructblip", "--size", "quick", "--workdir", os.path.join(work, "bench-blip"),
+         "--tokens", "3"])
     # Training saves a checkpoint (it used safetensors' numpy writer): the smallest run of every stage.
     run(["-m", "minidamro.toy", "train", "--out", os.path.join(work, "toy"), "--vit-steps", "1", "--text-steps", "1",
          "--align-steps", "1", "--steps", "1", "--format-steps", "1", "--batch", "2"])

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-from dataclasses import asdict
 
 from .. import MinidamroError, methods
 from .. import generate as gen
@@ -29,7 +28,8 @@ from .score import released_chair, released_pope, score_run, score_seeds, seed_d
 
 def add_run_arguments(p: argparse.ArgumentParser):
     gen.add_arguments(p, prompt=None, max_new_tokens=1024)  # the papers' max_new_tokens
-    p.set_defaults(system="llava_v1", seed=42)  # the DAMRO scripts' conversation template and seed
+    # The DAMRO scripts' seed, and their conversation template: llava_v1 for LLaVA, none for InstructBLIP (run()).
+    p.set_defaults(system=None, seed=42)
     p.add_argument("--prompt-template", default=None,
                    help="the prompt, {question} standing for the question (default: the DAMRO scripts' wording; "
                         "docs/evaluation.md)")
@@ -109,7 +109,7 @@ def settings_of(a, model_cfg_path: str, n_questions: int, seed: int) -> dict:
          "pad_square": a.pad_square, "system": gen.system_text(a), "prompt_template": a.prompt_template,
          "reuse": not a.no_reuse,
          "batch_questions": a.batch_questions, "questions": n_questions}
-    s |= asdict(gen.method_config(a, a.method))  # the method's own settings (its defaults where not given)
+    s |= methods.settings(gen.method_config(a, a.method))  # the method's own (its defaults where not given)
     if a.command == "pope":
         s |= {"question_files": [os.path.abspath(data.pope_file(q)) for q in a.questions],
               "images": os.path.abspath(a.images)}
@@ -139,6 +139,14 @@ def run(a) -> dict:
         a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one device per process
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         raise MinidamroError(f"model directory {a.model} has no config.json")
+    instructblip = read_config(a.model).model_type == "instructblip"
+    if a.system is None:  # the release's: LLaVA's scripts use the llava_v1 template, InstructBLIP's the raw prompt
+        a.system = None if instructblip else "llava_v1"
+    if instructblip:  # its Q-Former reads the question: no per-image prefix to share between questions
+        if a.batch_questions:
+            raise MinidamroError("--batch-questions shares the image prefix between questions; InstructBLIP's image "
+                                 "features depend on the question")
+        a.no_reuse = True
     if a.command in ("pope", "chair") and not os.path.isdir(a.images):
         raise MinidamroError(f"--images {a.images} is not a directory")
     if a.command == "chair":  # what scoring needs, checked now rather than after hours of captions
@@ -180,15 +188,15 @@ def run(a) -> dict:
     from ..anyres import model_pixels
     from ..image import load_image
     from ..llava import load_model
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import load_tokenizer
     model = load_model(a.model, a.device, a.dtype)
     cfg = model.cfg
-    tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), cfg.special_tokens)
+    tok = load_tokenizer(a.model, cfg)
     method, mcfg = methods.get(a.method), gen.method_config(a, a.method)
     method.check(model, mcfg)
     engine = Engine(model, tok, method, mcfg, gen.system_text(a), a.max_new_tokens, a.temperature, a.top_p, a.seed,
                     reuse=not a.no_reuse, batch_questions=a.batch_questions)
-    settings = {"method": a.method, **asdict(mcfg), "temperature": a.temperature, "top_p": a.top_p,
+    settings = {"method": a.method, **methods.settings(mcfg), "temperature": a.temperature, "top_p": a.top_p,
                 "max_new_tokens": a.max_new_tokens, "reuse": not a.no_reuse, "batch_questions": a.batch_questions}
     label = f"{a.command}" + (f" shard {k}/{n}" if n > 1 else "") + (f", {len(seeds)} seeds" if seeds else "")
     progress = Progress(len(mine) * len(outs), sum(len(mine) - len(t) for t in todo.values()), label)

@@ -15,15 +15,18 @@ product over fewer rows may round differently), so an answer can differ from the
 two tokens are nearly tied; the benchmark counts how often. VCD differs more: with reuse its noised image is
 drawn once per image (from a generator seeded by the run's seed and the image), where the per-question path
 draws it per question from the question's sampler, as `generate` does.
+
+InstructBLIP's image features depend on the question (its Q-Former reads the prompt), so nothing is shared
+between its questions: it always takes the per-question path (eval records reuse false for it).
 """
 import hashlib
 
 import torch
 
-from .. import contrastive
+from .. import MinidamroError, contrastive
 from ..contrastive import Method
 from ..generation import Sampler, decode_step, new_cache, prefill
-from ..tokenizer import build_prompt, prompt_ids
+from ..tokenizer import instruction_ids, model_prompt_ids
 
 
 def derived_seed(seed: int, key: str) -> int:
@@ -40,16 +43,18 @@ class Engine:
         self.model, self.tok, self.method, self.cfg, self.system = model, tok, method, cfg, system
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
         self.reuse, self.batch_questions = reuse, batch_questions
+        if model.cfg.model_type == "instructblip" and (reuse or batch_questions):
+            raise MinidamroError("InstructBLIP's image features depend on the question: nothing of an image can be "
+                                 "shared between its questions (reuse=False, no batch_questions)")
         self.device = model.lm_head.weight.device
         self.rule = None if method.rule is None else (lambda rows: method.rule(cfg, rows))
         self.caches = None  # allocated once per run, at the longest size asked for so far
         self.prefix_of = None  # seed or None: whose prefix the caches hold, with (prepared, lengths)
 
     def ids(self, prompt: str, image_size=None):
-        cfg = self.model.cfg  # LLaVA-NeXT: its template, and an image-token count that depends on the image size
-        ids = prompt_ids(self.tok, build_prompt(prompt, self.system, cfg.model_type), cfg.image_token_index,
-                         cfg.image_tokens(image_size))
-        return torch.tensor(ids, device=self.device)
+        # LLaVA-NeXT: an image-token count that depends on the image size; InstructBLIP: its own layout
+        return torch.tensor(model_prompt_ids(self.tok, self.model.cfg, prompt, self.system, image_size),
+                            device=self.device)
 
     def room(self, n_ids: int) -> int:
         return min(self.max_new_tokens, self.model.cfg.text.max_position_embeddings - n_ids)
@@ -69,8 +74,9 @@ class Engine:
             for item_id, prompt in prompts:
                 ids = self.ids(prompt, image_size)
                 seed_q, sampler = self.sampler(item_id, seed)
-                info, tokens = contrastive.generate(self.model, ids, pixels, self.method, self.cfg, sampler,
-                                                    self.room(len(ids)), image_size=image_size)
+                info, tokens = contrastive.generate(
+                    self.model, ids, pixels, self.method, self.cfg, sampler, self.room(len(ids)), image_size=image_size,
+                    instruction=instruction_ids(self.tok, self.model.cfg, prompt, self.system))
                 yield item_id, seed_q, list(tokens), info
         elif self.batch_questions:
             yield from self._answer_image_batched(pixels, prompts, image_key, image_size, seed)
