@@ -45,7 +45,30 @@ def test_7b_random_tensors_are_finite_and_typed():
     assert torch.equal(llava7b.random_tensor("a.k_proj.weight", (3, 2), 5), llava7b.random_tensor("b", (3, 2), 5))
 
 
-@pytest.mark.parametrize("module", ["minidamro.bench", "minidamro.bench.next", "minidamro.bench.reuse"])
+def test_instructblip_7b_layout_matches_transformers_and_converts():
+    """The streamed InstructBLIP builder's keys and shapes are transformers' for its config.json, every one of them
+    lands in minidamro's model (no ViT layer is dropped: the Q-Former reads the last), and the LLM is Vicuna-7B with
+    the 32002-row vocabulary of the updated hub config."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+    from minidamro.bench import instructblip
+    from minidamro.instructblip import InstructBlip
+    spec = instructblip.SPEC["7b"]
+    hf, shapes = instructblip.hf_config(spec, "bfloat16"), instructblip.hf_shapes(spec)
+    with torch.device("meta"):
+        model = InstructBlipForConditionalGeneration(InstructBlipConfig(**hf))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v) for k, v in shapes.items()} == expected
+    # Vicuna-7B is LLaMA-7B's 6,738,415,616 parameters with two more rows in embed_tokens and lm_head
+    assert sum(torch.Size(s).numel() for k, s in shapes.items() if k.startswith("language_model.")) == \
+        6_738_415_616 + 2 * 2 * 4096
+    cfg = weights_convert.build_config(hf, "config.json")
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in InstructBlip(cfg).state_dict().items()}
+    assert ours == {minidamro_name(k) if k.startswith("language_model") else k: v for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("module", ["minidamro.bench", "minidamro.bench.next", "minidamro.bench.reuse",
+                                    "minidamro.bench.instructblip"])
 def test_each_benchmark_command_starts(module):
     """The benchmarks take minutes and are not run here; each command at least imports and parses its options."""
     p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)

@@ -64,7 +64,8 @@ def hf_shapes() -> dict:
 
 def random_tensor(name: str, shape: tuple, seed: int) -> torch.Tensor:
     """Norm weights 1, biases 0, other weights N(0, 0.02^2) (transformers' init): activations stay finite."""
-    if name.endswith("norm.weight") or ("layer_norm" in name and name.endswith(".weight")):
+    lower = name.lower()  # BERT spells its norms "LayerNorm"
+    if lower.endswith("norm.weight") or ("layer_norm" in lower and lower.endswith(".weight")):
         return torch.ones(shape)
     if name.endswith(".bias"):
         return torch.zeros(shape)
