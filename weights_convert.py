@@ -288,15 +288,19 @@ def token_name(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def read_bos(src: str, sp_path: str, special: dict) -> int:
+def read_bos(src: str, sp_path: str, special: dict) -> int | None:
     """The id InstructBLIP's processor puts before the prompt: the tokenizer's bos_token. The release's is "</s>"
     (id 2: LAVIS trained it so), while text_config says 1; so it is read from the tokenizer files, as
-    transformers does, and LlamaTokenizer's "<s>" only when they name none."""
+    transformers does, and LlamaTokenizer's "<s>" only when they name none. None: a tokenizer_config.json that
+    says add_bos_token false (then the processor puts none)."""
     bos = None
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = os.path.join(src, name)
-        if bos is None and os.path.exists(path):
-            bos = token_name(read_json(path).get("bos_token"))
+        if os.path.exists(path):
+            d = read_json(path)
+            if name == "tokenizer_config.json" and d.get("add_bos_token") is False:
+                return None
+            bos = token_name(d.get("bos_token")) if bos is None else bos
     bos = "<s>" if bos is None else bos
     if bos in special:
         return special[bos]

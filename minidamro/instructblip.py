@@ -34,7 +34,7 @@ class InstructBlipConfig:
     text: TextConfig
     num_query_tokens: int = 32
     image_token_index: int = 32001   # the tokenizer's "<image>" (an added token)
-    prompt_bos_id: int = 2           # what the processor puts between the image slots and the prompt: "</s>"
+    prompt_bos_id: int | None = 2    # what the processor puts between the image slots and the prompt: "</s>"
     preprocessor: dict = field(default_factory=dict)    # BLIP's: 224 x 224 bicubic, no crop (image.py)
     special_tokens: dict = field(default_factory=dict)  # added tokens beyond the sentencepiece vocabulary
     torch_dtype: str = "float32"

@@ -120,7 +120,8 @@ def model_prompt_ids(tok: Tokenizer, cfg, prompt: str, system: str | None = None
     InstructBLIP: the 32 query slots first, then its BOS ("</s>", id 2, in the release), then the raw text."""
     text = build_prompt(prompt, system, cfg.model_type)
     if cfg.model_type == "instructblip":
-        return [cfg.image_token_index] * cfg.num_query_tokens + [cfg.prompt_bos_id] + tok.encode(text, bos=False)
+        bos = [] if cfg.prompt_bos_id is None else [cfg.prompt_bos_id]  # None: the tokenizer adds no BOS
+        return [cfg.image_token_index] * cfg.num_query_tokens + bos + tok.encode(text, bos=False)
     return prompt_ids(tok, text, cfg.image_token_index, cfg.image_tokens(image_size))
 
 

@@ -182,6 +182,14 @@ def test_release_bos_comes_from_the_tokenizer_files(blip_hf_checkpoints, tmp_pat
     no_bos(os.path.join(src, "tokenizer_config.json"))
     weights_convert.convert(src, str(tmp_path / "out"))
     assert json.load(open(tmp_path / "out" / "config.json"))["prompt_bos_id"] == 1
+    # add_bos_token false: the processor puts no BOS, and neither does minidamro
+    path = os.path.join(src, "tokenizer_config.json")
+    json.dump(json.load(open(path)) | {"add_bos_token": False}, open(path, "w"))
+    weights_convert.convert(src, str(tmp_path / "nobos"))
+    cfg = load_model(str(tmp_path / "nobos")).cfg
+    ids = model_prompt_ids(load_tokenizer(str(tmp_path / "nobos"), cfg), cfg, PROMPT)
+    expected = tiny_blip.llama_tokenizer(src, check=False)(PROMPT)["input_ids"]
+    assert cfg.prompt_bos_id is None and ids == [cfg.image_token_index] * cfg.num_query_tokens + expected
 
 
 def test_a_checkpoint_without_preprocessor_settings_gets_blips(blip_hf_checkpoints, tmp_path, capsys):

@@ -57,6 +57,8 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     model = load_model(a.model)
+    if model.cfg.model_type == "instructblip":
+        sys.exit("error: InstructBLIP has no per-image reuse to measure: its image features depend on the question")
     tok = Tokenizer(os.path.join(a.model, "tokenizer.model"), model.cfg.special_tokens)
     method = methods.get(a.method)
     mcfg = method.config()
